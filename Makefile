@@ -1,0 +1,31 @@
+# pipo-export: `make test` and `make demo` work on a fresh machine with only Python installed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= build/demo
+
+.PHONY: venv test demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build comes from local disk; anything else pulls CUDA wheels
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/pipo-export tiny $(DEMO)/checkpoint --force
+	$(BIN)/pipo-export inspect $(DEMO)/checkpoint
+	$(BIN)/pipo-export run $(DEMO)/checkpoint --backend torch --ids 5,17,300,42,7 --max-steps 8
+	$(BIN)/pipo-export run $(DEMO)/checkpoint --backend torch --ids 5,17,300,42,7 --max-steps 8 \
+		--temperature 1.0 --top-p 0.95 --top-k 20 --presence-penalty 1.5 --seed 1 --threshold 0.5
+
+clean:
+	rm -rf $(VENV) build

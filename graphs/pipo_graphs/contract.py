@@ -1,0 +1,131 @@
+"""The PIPO graph contract: names, shapes and dtypes both compiler and runtimes rely on.
+
+Two graphs, one step each (PIPO_SPEC section 3):
+
+prefill_compress
+    inputs   input_ids [B, T] int64 (T even, right-padded with PAD), lengths [B] int64 (real
+             prompt tokens per row, >= 1), the sampling inputs below, uniforms [B, 2] float32
+    outputs  pair [B, 2] int64, confidence [B] float32, present.<state> for every state
+decode_unfold
+    inputs   input_pair [B, 2] int64 (the pair emitted last), past.<state> for every state,
+             the sampling inputs, uniforms [B, 2] float32
+    outputs  pair, confidence, present.<state>
+
+A runtime feeds ``present.X`` of one step as ``past.X`` of the next; it never needs to look
+inside a state. States (P = cached pair positions, grows by one per decode step):
+
+    key.<i>, value.<i>      [B, Hkv, P, Dh]  full-attention layer i (keys after RoPE)
+    conv.<i>                [B, C, K-1]      Gated DeltaNet layer i causal-conv window
+    recurrent.<i>           [B, Hv, Dk, Dv]  Gated DeltaNet layer i state, float32
+    mtp_key, mtp_value      [B, Hkv, P, Dh]  the MTP decoder layer
+    attention_mask          [B, P] bool      which cache slots hold a real position
+    position                [B] int64        pair position of the next step
+    prompt_mask             [B, V] bool      tokens seen in the prompt (repetition penalty)
+    output_mask             [B, V] bool      tokens generated so far (both penalties)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import PipoUserError
+
+CONTRACT_VERSION = "1.0"
+PREFILL = "prefill_compress"
+DECODE = "decode_unfold"
+PAST = "past."
+PRESENT = "present."
+
+SAMPLING_INPUTS: tuple[tuple[str, str], ...] = (
+    ("temperature", "float32"),
+    ("top_k", "int64"),
+    ("top_p", "float32"),
+    ("min_p", "float32"),
+    ("presence_penalty", "float32"),
+    ("repetition_penalty", "float32"),
+    ("threshold", "float32"),
+)
+UNIFORMS = "uniforms"
+PAIR = "pair"
+CONFIDENCE = "confidence"
+SKIPPED_CONFIDENCE = -1.0  # confidence reported when tau >= 1 and the confidence head did not run
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One cache/state tensor: its name, dtype and symbolic shape."""
+
+    name: str
+    dtype: str
+    shape: tuple  # ints and symbolic dim names ("batch", "past_pairs", ...)
+    layer: int | None = None
+    kind: str = ""
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings (PIPO_SPEC section 3); temperature 0 means greedy.
+
+    Order of application (same in every backend): repetition and presence penalty on the
+    logits, temperature, top-k, top-p, min-p over the top `sample_cap` candidates, then
+    inverse-CDF selection with the uniform number of the slot.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        """Raise PipoUserError naming the bad field."""
+        if not self.temperature >= 0:
+            raise PipoUserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise PipoUserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise PipoUserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise PipoUserError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise PipoUserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class ModelDims:
+    """The dims of a PIPO model that fix the state shapes."""
+
+    vocab_size: int
+    hidden_size: int
+    layer_types: list[str]
+    num_key_value_heads: int
+    head_dim: int
+    conv_dim: int
+    conv_kernel: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    extra: dict = field(default_factory=dict)
+
+
+def state_specs(d: ModelDims, cache_dtype: str = "float32") -> list[StateSpec]:
+    """Every state of the contract, in graph I/O order."""
+    specs: list[StateSpec] = []
+    kv = ("batch", d.num_key_value_heads, "past_pairs", d.head_dim)
+    for i, kind in enumerate(d.layer_types):
+        if kind == "full_attention":
+            specs += [StateSpec(f"key.{i}", cache_dtype, kv, i, "attention_key"),
+                      StateSpec(f"value.{i}", cache_dtype, kv, i, "attention_value")]
+        else:
+            specs += [StateSpec(f"conv.{i}", cache_dtype, ("batch", d.conv_dim, d.conv_kernel - 1), i,
+                                "conv_window"),
+                      StateSpec(f"recurrent.{i}", "float32",
+                                ("batch", d.linear_num_value_heads, d.linear_key_head_dim,
+                                 d.linear_value_head_dim), i, "recurrent")]
+    specs += [StateSpec("mtp_key", cache_dtype, kv, None, "mtp_key"),
+              StateSpec("mtp_value", cache_dtype, kv, None, "mtp_value"),
+              StateSpec("attention_mask", "bool", ("batch", "past_pairs"), None, "attention_mask"),
+              StateSpec("position", "int64", ("batch",), None, "position"),
+              StateSpec("prompt_mask", "bool", ("batch", d.vocab_size), None, "prompt_mask"),
+              StateSpec("output_mask", "bool", ("batch", d.vocab_size), None, "output_mask")]
+    return specs

@@ -1,0 +1,5 @@
+"""The one exception family for user errors, shared by compiler and runtimes."""
+
+
+class PipoUserError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad input). CLIs print it and exit 2."""

@@ -1,0 +1,113 @@
+"""The `pipo-export` command line. Flags become typed dataclasses here; nothing past this
+module sees argparse."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipo_graphs import SamplingParams
+from pipo_graphs.errors import PipoUserError
+from pipo_runtime.backend import Backend
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids takes comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--ids needs at least one token id")
+    return ids
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Prompt, steps, gate and sampling flags shared by run and compare."""
+    p.add_argument("--ids", type=_ids, action="append", default=[],
+                   help="prompt token ids, e.g. 5,17,300 (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt text (needs tokenizer.json in the folder; repeat for a batch)")
+    p.add_argument("--max-steps", type=int, default=16,
+                   help="prefill + decode steps; each emits one pair (default 16)")
+    p.add_argument("--threshold", type=float, default=-1.0,
+                   help="confidence gate tau: <0 always keep token2, >=1 never (default -1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full",
+                   help="decode-step MTP attention: full causal context (PIPO_SPEC) or cache slot 0 "
+                        "only (reproduces pipo-tiny-ref's expected.npz); torch backend")
+
+
+def sampling_from(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                          min_p=ns.min_p, presence_penalty=ns.presence_penalty,
+                          repetition_penalty=ns.repetition_penalty)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipo-export", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show what a PIPO checkpoint folder holds")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tiny", help="write a built-in PIPO checkpoint with random weights")
+    p.add_argument("out")
+    p.add_argument("--shape", choices=("tiny", "small"), default="tiny",
+                   help="tiny: hidden 64, 4 layers; small: hidden 256, 8 layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+
+    p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
+    p.add_argument("source", help="checkpoint folder or export folder")
+    p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
+                   help="default: torch for a checkpoint, onnxruntime for an export")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generation_flags(p)
+    return parser
+
+
+def dispatch(ns: argparse.Namespace) -> int:
+    if ns.command == "inspect":
+        from .inspect_cmd import InspectArgs, run_inspect
+        return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json))
+    if ns.command == "tiny":
+        from .fsutil import atomic_dir
+        from .testing import SHAPES, write_tiny_checkpoint
+        with atomic_dir(ns.out, ns.force) as tmp:
+            write_tiny_checkpoint(tmp, seed=ns.seed, text_config=SHAPES[ns.shape])
+        print(f"wrote {ns.shape} PIPO checkpoint (seed {ns.seed}) to {ns.out}")
+        return 0
+    if ns.command == "run":
+        from .run_cmd import RunArgs, run
+        sampling = sampling_from(ns)
+        sampling.validate()
+        return run(RunArgs(source=ns.source, backend=Backend(ns.backend) if ns.backend else None,
+                           ids=ns.ids, prompts=ns.prompt, max_steps=ns.max_steps,
+                           threshold=ns.threshold, sampling=sampling, seed=ns.seed,
+                           mtp_context=ns.mtp_context, dtype=ns.dtype, json=ns.json))
+    raise AssertionError(ns.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return dispatch(ns)
+    except PipoUserError as exc:
+        print(f"pipo-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pipo-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

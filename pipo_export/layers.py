@@ -1,0 +1,128 @@
+"""Cached forward pieces of the Qwen3.5 layers, with explicit states (gpt-fast style).
+
+They read the weights of transformers' own modules (Qwen3_5Attention, Qwen3_5GatedDeltaNet)
+but take and return caches as plain tensors, so the same code runs eagerly as the reference
+decoder and traces into the ONNX graphs. The Gated DeltaNet kernels are pluggable (`Kernels`):
+the reference uses transformers' torch implementations, export targets swap in lowerings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_5.modeling_qwen3_5 import (apply_rotary_pos_emb, repeat_kv,
+                                                          torch_chunk_gated_delta_rule,
+                                                          torch_recurrent_gated_delta_rule)
+
+
+def _reference_chunk(q, k, v, g, beta):
+    """[B, L, H*, D] q/k/v, g/beta [B, L, Hv] -> out [B, L, Hv, Dv], state [B, Hv, Dk, Dv]."""
+    return torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+                                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+
+def _reference_recurrent(q, k, v, g, beta, state):
+    """One-token gated delta rule: q/k/v [B, 1, H*, D], state [B, Hv, Dk, Dv]."""
+    return torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state,
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+
+@dataclass
+class Kernels:
+    """Swappable implementations of the sequence mixers (reference or a target's lowering)."""
+
+    chunk_rule: Callable = _reference_chunk
+    recurrent_rule: Callable = _reference_recurrent
+
+
+def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [B, L] int64 -> (cos, sin) [B, L, rotary_dim] (text RoPE: 3 equal streams)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [B, L, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor, past_v: torch.Tensor,
+              mask: torch.Tensor):
+    """Gated full attention over cache + new tokens.
+
+    x [B, L, H]; past_k/past_v [B, Hkv, P, D]; mask [B, P+L] bool (slot holds a real position).
+    Query i sits at slot P+i and sees slots <= P+i. -> out [B, L, H], keys/values [B, Hkv, P+L, D].
+    """
+    b, n = x.shape[:2]
+    d = attn.head_dim
+    q, gate = torch.chunk(attn.q_proj(x).view(b, n, -1, 2 * d), 2, dim=-1)
+    gate = gate.reshape(b, n, -1)
+    q = attn.q_norm(q).transpose(1, 2)  # [B, Hq, L, D]
+    k = attn.k_norm(attn.k_proj(x).view(b, n, -1, d)).transpose(1, 2)  # [B, Hkv, L, D]
+    v = attn.v_proj(x).view(b, n, -1, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    total = keys.shape[2]
+    slots = torch.arange(total, device=x.device)
+    query_slots = slots[total - n:]  # [L]
+    allowed = mask[:, None, None, :] & (slots[None, None, None, :] <= query_slots[None, None, :, None])
+    scores = torch.matmul(q, repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, repeat_kv(values, attn.num_key_value_groups))  # [B, Hq, L, D]
+    out = out.transpose(1, 2).reshape(b, n, -1) * torch.sigmoid(gate)
+    return attn.o_proj(out), keys, values
+
+
+def _gdn_project(gdn, x: torch.Tensor):
+    """x [B, L, H] -> mixed_qkv [B, C, L], z [B, L, Hv, Dv], beta/g [B, L, Hv] (float32 g)."""
+    mixed = gdn.in_proj_qkv(x).transpose(1, 2)
+    z = gdn.in_proj_z(x).reshape(x.shape[0], x.shape[1], -1, gdn.head_v_dim)
+    beta = gdn.in_proj_b(x).sigmoid()
+    g = -gdn.A_log.float().exp() * F.softplus(gdn.in_proj_a(x).float() + gdn.dt_bias)
+    return mixed, z, beta, g
+
+
+def _gdn_output(gdn, conv_out: torch.Tensor, z, rule, *rule_args):
+    """conv_out [B, C, L] (after SiLU) -> layer output [B, L, H] and the new recurrent state."""
+    b, _, n = conv_out.shape
+    q, k, v = torch.split(conv_out.transpose(1, 2), [gdn.key_dim, gdn.key_dim, gdn.value_dim], dim=-1)
+    q = q.reshape(b, n, -1, gdn.head_k_dim)
+    k = k.reshape(b, n, -1, gdn.head_k_dim)
+    v = v.reshape(b, n, -1, gdn.head_v_dim)
+    core, state = rule(q, k, v, *rule_args)
+    core = gdn.norm(core.reshape(-1, gdn.head_v_dim), z.reshape(-1, gdn.head_v_dim))
+    return gdn.out_proj(core.reshape(b, n, -1)), state
+
+
+def gdn_prefill(gdn, x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, kernels: Kernels):
+    """Gated DeltaNet over a right-padded prompt, from empty states.
+
+    x [B, L, H]; valid [B, L] bool; n_valid [B] real positions per row.
+    Positions past n_valid get beta = 0 and g = 0, so they leave the recurrent state unchanged.
+    -> out [B, L, H], conv window [B, C, K-1] (inputs before n_valid), state [B, Hv, Dk, Dv].
+    """
+    kk = gdn.conv_kernel_size
+    mixed, z, beta, g = _gdn_project(gdn, x)
+    padded = F.pad(mixed, (kk - 1, 0))  # [B, C, K-1+L]
+    conv = F.silu(F.conv1d(padded, gdn.conv1d.weight, groups=mixed.shape[1]))  # [B, C, L]
+    cols = n_valid[:, None] + torch.arange(kk - 1, device=x.device)[None]  # [B, K-1]
+    window = torch.gather(padded, 2, cols[:, None, :].expand(-1, mixed.shape[1], -1))
+    keep = valid[..., None]
+    beta = torch.where(keep, beta, torch.zeros_like(beta))
+    g = torch.where(keep, g, torch.zeros_like(g))
+    out, state = _gdn_output(gdn, conv, z, kernels.chunk_rule, g, beta)
+    return out, window, state
+
+
+def gdn_decode(gdn, x: torch.Tensor, window: torch.Tensor, state: torch.Tensor, kernels: Kernels):
+    """One Gated DeltaNet step. x [B, 1, H]; window [B, C, K-1]; state [B, Hv, Dk, Dv]
+    -> out [B, 1, H], new window, new state."""
+    mixed, z, beta, g = _gdn_project(gdn, x)
+    full = torch.cat([window, mixed.to(window.dtype)], dim=-1)  # [B, C, K]
+    conv = F.silu((full * gdn.conv1d.weight[:, 0, :]).sum(-1, keepdim=True))  # [B, C, 1]
+    out, state = _gdn_output(gdn, conv, z, kernels.recurrent_rule, g, beta, state)
+    return out, full[:, :, 1:], state
+
+
+def mlp_block(layer, x: torch.Tensor) -> torch.Tensor:
+    """Second half of a decoder layer: x + MLP(post_attention_layernorm(x))."""
+    return x + layer.mlp(layer.post_attention_layernorm(x))

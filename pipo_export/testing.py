@@ -1,0 +1,103 @@
+"""Tiny PIPO checkpoints for tests and demos, in every layout the loader accepts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import CompressorType, parse_config
+from .model import PipoModel
+
+TINY_TEXT_CONFIG = {
+    "model_type": "qwen3_5_text", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "attention_bias": False, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    "compressor_type": "mlp", "mtp_num_hidden_layers": 1, "pad_token_id": 319, "eos_token_id": 318,
+}
+
+
+SMALL_TEXT_CONFIG = dict(
+    TINY_TEXT_CONFIG, vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_key_head_dim=32,
+    linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8,
+    layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+    + ["full_attention"], pad_token_id=8191, eos_token_id=8190)
+SHAPES = {"tiny": TINY_TEXT_CONFIG, "small": SMALL_TEXT_CONFIG}
+
+
+@dataclass
+class TinyLayout:
+    """How write_tiny_checkpoint lays out a folder."""
+
+    multimodal: bool = False  # qwen3_5 wrapper config + model.language_model.* keys + visual keys
+    shards: int = 1  # >1 writes shards plus model.safetensors.index.json
+    tied: bool = True
+    compressor: str = "mlp"
+    compressor_in_config: bool = True
+    weight_dtype: torch.dtype = torch.float32
+
+
+def random_model(text_config: dict, seed: int = 0) -> PipoModel:
+    """A PipoModel with seeded random weights; every parameter non-trivial (norms too)."""
+    cfg = parse_config(dict(text_config))
+    cfg.compressor_type = CompressorType(text_config.get("compressor_type", "mlp"))
+    torch.manual_seed(seed)
+    model = PipoModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.0, 1.5, generator=gen))
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[-1] ** 0.5) * 2)
+    return model.eval()
+
+
+def write_tiny_checkpoint(folder: str | Path, layout: TinyLayout = TinyLayout(), seed: int = 0,
+                          text_config: dict | None = None) -> Path:
+    """Write a seeded random PIPO checkpoint in the given layout; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = dict(text_config or TINY_TEXT_CONFIG, tie_word_embeddings=layout.tied,
+                compressor_type=layout.compressor)
+    model = random_model(text, seed)
+    state = {k: v.detach().to(layout.weight_dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if layout.tied:
+        state.pop("lm_head.weight", None)
+    if not layout.compressor_in_config:
+        text.pop("compressor_type")
+    if layout.multimodal:
+        state = {("model.language_model." + k[6:] if k.startswith("model.") else k): v
+                 for k, v in state.items()}
+        state["model.visual.patch_embed.proj.weight"] = torch.randn(8, 3, 2, 2)
+        pipo = {k: text.pop(k) for k in ("compressor_type", "pad_token_id", "eos_token_id",
+                                         "mtp_num_hidden_layers") if k in text}
+        config = {"model_type": "qwen3_5", "text_config": text, "vision_config": {"depth": 1},
+                  "tie_word_embeddings": layout.tied, **pipo}
+    else:
+        config = text
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    keys = sorted(state)
+    if layout.shards <= 1:
+        save_file(state, str(folder / "model.safetensors"))
+        return folder
+    weight_map = {}
+    for i in range(layout.shards):
+        name = f"model-{i + 1:05d}-of-{layout.shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i::layout.shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return folder

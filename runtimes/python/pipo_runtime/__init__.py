@@ -1,0 +1,1 @@
+"""pipo_runtime: embeddable PIPO runtime (numpy + onnxruntime; never imports torch)."""
