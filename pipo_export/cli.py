@@ -9,6 +9,8 @@ from pipo_graphs import SamplingParams
 from pipo_graphs.errors import PipoUserError
 from pipo_runtime.backend import Backend
 
+from .options import Target
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -65,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
 
+    p = sub.add_parser("export", help="compile a checkpoint into prefill/decode ONNX graphs")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--out", required=True, help="export folder to write")
+    p.add_argument("--target", choices=[t.value for t in Target], default="onnxruntime")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated) the export accepts; default: the config's "
+                        "max_position_embeddings")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--sample-cap", type=int, default=1024,
+                   help="top candidates the in-graph sampler draws from (default 1024)")
+    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the ONNX Runtime vs torch check at the end of the export")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+
+    p = sub.add_parser("check", help="verify an export folder (checker, checksums, dims, lint)")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
     p.add_argument("source", help="checkpoint folder or export folder")
     p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
@@ -86,6 +108,17 @@ def dispatch(ns: argparse.Namespace) -> int:
             write_tiny_checkpoint(tmp, seed=ns.seed, text_config=SHAPES[ns.shape])
         print(f"wrote {ns.shape} PIPO checkpoint (seed {ns.seed}) to {ns.out}")
         return 0
+    if ns.command == "export":
+        from .export_cmd import export
+        from .options import DType, ExportOptions
+        export(ExportOptions(checkpoint=ns.checkpoint, out=ns.out, target=Target(ns.target),
+                             dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
+                             opset=ns.opset, sample_cap=ns.sample_cap, mtp_context=ns.mtp_context,
+                             validate=not ns.no_validate))
+        return 0
+    if ns.command == "check":
+        from .check_cmd import run_check
+        return run_check(ns.out, ns.json)
     if ns.command == "run":
         from .run_cmd import RunArgs, run
         sampling = sampling_from(ns)

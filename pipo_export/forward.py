@@ -65,7 +65,7 @@ class PipoStep(nn.Module):
         for i, layer in enumerate(bb.layers):
             h = layer.input_layernorm(x)
             if layer.block_type == "full_attention":
-                pk, pv = self._past_kv(past, f"key.{i}", f"value.{i}", layer.self_attn, latents)
+                pk, pv = (None, None) if past is None else (past[f"key.{i}"], past[f"value.{i}"])
                 h, states[f"key.{i}"], states[f"value.{i}"] = attention(layer.self_attn, h, cos, sin,
                                                                         pk, pv, mask)
             elif past is None:
@@ -77,15 +77,8 @@ class PipoStep(nn.Module):
             x = mlp_block(layer, x + h)
         return bb.norm(x), states, (cos, sin)
 
-    @staticmethod
-    def _past_kv(past, kname, vname, attn, like):
-        if past is not None:
-            return past[kname], past[vname]
-        empty = like.new_zeros(like.shape[0], attn.config.num_key_value_heads, 0, attn.head_dim)
-        return empty, empty
-
     # -- MTP + confidence + gate ----------------------------------------------------------
-    def _mtp(self, tokens, hidden, rope_cs, mask, past_k, past_v):
+    def _mtp(self, tokens, hidden, rope_cs, mask, past_k=None, past_v=None):
         """tokens [B, L], hidden [B, L, H] -> mtp output [B, L, H] (post-norm), keys, values."""
         mtp, layer = self.model.mtp, self.model.mtp.layers[0]
         x = mtp.fuse(self.model.model.embed_tokens(tokens), hidden)
@@ -93,30 +86,43 @@ class PipoStep(nn.Module):
                                     past_v, mask)
         return mtp.norm(mlp_block(layer, x + h)), keys, values
 
-    def _second_token(self, tokens, hidden, last, h_last, rope_cs, mask, past_k, past_v, sp,
-                      prompt_mask, output_mask, u):
-        """Run MTP, sample token2, confidence, gate. `last` [B] picks each row's final position.
-        -> token2 [B], conf [B], mtp keys/values [B, Hkv, P+L, D]."""
+    def _second_token(self, tokens, hidden, last, rope_cs, mask, past_kv, sp, prompt_mask,
+                      output_mask, u):
+        """Run MTP, sample token2, confidence, gate. In decode (past_kv given) the MTP and the
+        confidence head are skipped entirely when every tau >= 1 (an ONNX `If` when traced);
+        prefill always runs them, so the MTP cache always covers the prompt.
 
-        def run(past_k, past_v, output_mask, h_last, hidden):
-            m, keys, values = self._mtp(tokens, hidden, rope_cs, mask, past_k, past_v)
-            m_last = _take(m, last)
-            logits = self.model.lm_head(m_last)
-            token2 = sample(logits, sp, prompt_mask, output_mask, u, self.sample_cap)
+        tokens [B, L] MTP input tokens, hidden [B, L, H], last [B] each row's final position,
+        mask [B, P+L], past_kv () at prefill or (keys, values) [B, Hkv, P, D]
+        -> token2 [B], conf [B], mtp keys/values [B, Hkv, P+L, D].
+        """
+        names = sorted(sp)
+        n_past = len(past_kv)
+        kv_heads, head_dim = self.model.config.text.num_key_value_heads, self.model.config.text.head_dim
+
+        def run(tokens, hidden, last, cos, sin, mask, prompt_mask, output_mask, u, *rest):
+            past, spd = rest[:n_past] or (None, None), dict(zip(names, rest[n_past:]))
+            m, keys, values = self._mtp(tokens, hidden, (cos, sin), mask, *past)
+            m_last, h_last = _take(m, last), _take(hidden, last)
+            token2 = sample(self.model.lm_head(m_last), spd, prompt_mask, output_mask, u,
+                            self.sample_cap)
             conf = self.model.confidence_head(h_last, m_last)
-            return gate(token2, conf, sp["threshold"], self.pad_id), conf, keys, values
+            return gate(token2, conf, spd["threshold"], self.pad_id), conf, keys, values
 
-        def skip(past_k, past_v, output_mask, h_last, hidden):
-            b, n = hidden.shape[:2]
-            new = past_k.new_zeros(b, past_k.shape[1], n, past_k.shape[3])
-            pad = torch.full((b,), self.pad_id, dtype=torch.long, device=hidden.device)
-            conf = torch.full((b,), SKIPPED_CONFIDENCE, dtype=torch.float32, device=hidden.device)
-            return pad, conf, torch.cat([past_k, new], 2), torch.cat([past_v, new], 2)
+        def skip(tokens, hidden, last, cos, sin, mask, prompt_mask, output_mask, u, *rest):
+            b, n = tokens.shape
+            new = hidden.new_zeros(b, kv_heads, n, head_dim)
+            pad = torch.full((b,), self.pad_id, dtype=torch.long, device=tokens.device)
+            conf = torch.full((b,), SKIPPED_CONFIDENCE, dtype=torch.float32, device=tokens.device)
+            return pad, conf, torch.cat([rest[0], new], 2), torch.cat([rest[1], new], 2)
 
+        operands = (tokens, hidden, last, *rope_cs, mask, prompt_mask, output_mask, u, *past_kv,
+                    *[sp[n] for n in names])
+        if not n_past:
+            return run(*operands)
         all_skip = sp["threshold"].min() >= 1
-        operands = (past_k, past_v, output_mask, h_last, hidden)
-        if self.use_cond:
-            return torch.cond(all_skip, skip, run, operands)
+        if self.use_cond:  # ONNX If; operands must not alias each other (views are cloned)
+            return torch.cond(all_skip, skip, run, tuple(t.clone() for t in operands))
         return skip(*operands) if bool(all_skip) else run(*operands)
 
     # -- the two graphs -------------------------------------------------------------------
@@ -125,7 +131,7 @@ class PipoStep(nn.Module):
         sp: sampling inputs [B], uniforms [B, 2] -> pair [B, 2], confidence [B], states."""
         b, t = input_ids.shape
         n = t // 2
-        n_valid = (lengths + 1) // 2  # pairs per row
+        n_valid = torch.div(lengths + 1, 2, rounding_mode="trunc")  # pairs per row (lengths > 0)
         positions = torch.arange(n, device=input_ids.device)[None].expand(b, n)
         valid = positions < n_valid[:, None]  # [B, L]
         hidden, states, rope_cs = self._backbone(self.model.compress(input_ids), positions, valid,
@@ -143,11 +149,9 @@ class PipoStep(nn.Module):
         # MTP context: t_2, t_4, ..., then token1 at each row's last pair
         shifted = torch.cat([input_ids[:, 2::2], input_ids[:, :1]], dim=1)  # [B, L]
         mtp_tokens = torch.where(positions == last[:, None], token1[:, None], shifted)
-        empty = hidden.new_zeros(b, self.model.config.text.num_key_value_heads, 0,
-                                 self.model.mtp.layers[0].self_attn.head_dim)
         token2, conf, states["mtp_key"], states["mtp_value"] = self._second_token(
-            mtp_tokens, hidden, last, h_last, rope_cs, valid, empty, empty, sp, prompt_mask,
-            output_mask, uniforms[:, 1])
+            mtp_tokens, hidden, last, rope_cs, valid, (), sp, prompt_mask, output_mask,
+            uniforms[:, 1])
         states.update(attention_mask=valid, position=n_valid, prompt_mask=prompt_mask,
                       output_mask=add_tokens(output_mask, token2[:, None], self.pad_id))
         return torch.stack([token1, token2], dim=1), conf, states
@@ -171,8 +175,8 @@ class PipoStep(nn.Module):
         if self.mtp_context == MtpContext.FIRST_SLOT:
             mtp_mask = mask & (torch.arange(mask.shape[1], device=mask.device) == 0)[None]
         token2, conf, states["mtp_key"], states["mtp_value"] = self._second_token(
-            token1[:, None], hidden, last, h_last, rope_cs, mtp_mask, past["mtp_key"], past["mtp_value"],
+            token1[:, None], hidden, last, rope_cs, mtp_mask, (past["mtp_key"], past["mtp_value"]),
             sp, prompt_mask, output_mask, uniforms[:, 1])
-        states.update(attention_mask=mask, position=position + 1, prompt_mask=prompt_mask,
+        states.update(attention_mask=mask, position=position + 1, prompt_mask=prompt_mask.clone(),
                       output_mask=add_tokens(output_mask, token2[:, None], self.pad_id))
         return torch.stack([token1, token2], dim=1), conf, states

@@ -44,22 +44,27 @@ def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor, past_v: torch.Tensor,
-              mask: torch.Tensor):
+def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor | None,
+              past_v: torch.Tensor | None, mask: torch.Tensor):
     """Gated full attention over cache + new tokens.
 
-    x [B, L, H]; past_k/past_v [B, Hkv, P, D]; mask [B, P+L] bool (slot holds a real position).
+    x [B, L, H]; past_k/past_v [B, Hkv, P, D] or None (prefill, P = 0); mask [B, P+L] bool
+    (slot holds a real position).
     Query i sits at slot P+i and sees slots <= P+i. -> out [B, L, H], keys/values [B, Hkv, P+L, D].
     """
     b, n = x.shape[:2]
     d = attn.head_dim
-    q, gate = torch.chunk(attn.q_proj(x).view(b, n, -1, 2 * d), 2, dim=-1)
+    qg = attn.q_proj(x).view(b, n, -1, 2 * d)  # slices, not chunk: no ONNX sequence ops
+    q, gate = qg[..., :d], qg[..., d:]
     gate = gate.reshape(b, n, -1)
     q = attn.q_norm(q).transpose(1, 2)  # [B, Hq, L, D]
     k = attn.k_norm(attn.k_proj(x).view(b, n, -1, d)).transpose(1, 2)  # [B, Hkv, L, D]
     v = attn.v_proj(x).view(b, n, -1, d).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    if past_k is None:  # prefill: the cache is exactly the new keys (dense, for If branches)
+        keys, values = k.contiguous(), v.contiguous()
+    else:
+        keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
     total = keys.shape[2]
     slots = torch.arange(total, device=x.device)
     query_slots = slots[total - n:]  # [L]
@@ -84,7 +89,9 @@ def _gdn_project(gdn, x: torch.Tensor):
 def _gdn_output(gdn, conv_out: torch.Tensor, z, rule, *rule_args):
     """conv_out [B, C, L] (after SiLU) -> layer output [B, L, H] and the new recurrent state."""
     b, _, n = conv_out.shape
-    q, k, v = torch.split(conv_out.transpose(1, 2), [gdn.key_dim, gdn.key_dim, gdn.value_dim], dim=-1)
+    qkv = conv_out.transpose(1, 2)  # [B, L, C]; slices, not split: no ONNX sequence ops
+    kd = gdn.key_dim
+    q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
     q = q.reshape(b, n, -1, gdn.head_k_dim)
     k = k.reshape(b, n, -1, gdn.head_k_dim)
     v = v.reshape(b, n, -1, gdn.head_v_dim)

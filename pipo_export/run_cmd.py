@@ -69,7 +69,7 @@ def run(args: RunArgs) -> int:
         outs = generate_export(folder, backend, prompts, args)
     results = [result_dict(o, tokenizer) for o in outs]
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}), flush=True)
         return 0
     for i, r in enumerate(results):
         head = f"[{i}] " if len(results) > 1 else ""

@@ -54,7 +54,9 @@ def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     cdf = torch.cumsum(probs, dim=-1)
     target = u[:, None] * cdf[:, -1:]
-    pick = torch.clamp((cdf <= target).sum(dim=-1), max=values.shape[-1] - 1)  # first cdf > u*total
+    pick = (cdf <= target).sum(dim=-1)  # index of the first cdf > u * total
+    last = torch.full_like(pick, values.shape[-1] - 1)
+    pick = torch.where(pick > last, last, pick)  # Where, not Clip: TensorRT's Clip is float-only
     sampled = torch.gather(index, 1, pick[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
 

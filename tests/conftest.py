@@ -41,3 +41,38 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def run_json(*args: str) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
+
+
+def _export(tmp_path_factory, name, checkpoint, **kw):
+    from pipo_export.export_cmd import export
+    from pipo_export.options import ExportOptions, Target
+    out = tmp_path_factory.mktemp("exports") / name
+    export(ExportOptions(checkpoint=str(checkpoint), out=str(out),
+                         target=Target(kw.pop("target", "onnxruntime")), **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_export(tmp_path_factory):
+    """pipo-tiny-ref, onnxruntime target, MTP context of the fixture generator."""
+    return _export(tmp_path_factory, "ref-ort", TINY_REF, mtp_context="first-slot")
+
+
+@pytest.fixture(scope="session")
+def trt_export(tmp_path_factory):
+    """pipo-tiny-ref, tensorrt target (standard ops only), PIPO_SPEC MTP context."""
+    return _export(tmp_path_factory, "ref-trt", TINY_REF, target="tensorrt")
+
+
+@pytest.fixture(scope="session")
+def layout_checkpoint(tmp_path_factory):
+    from pipo_export.testing import TinyLayout, write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "mm-linear-untied",
+                                 TinyLayout(multimodal=True, shards=2, tied=False,
+                                            compressor="linear"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def layout_export(tmp_path_factory, layout_checkpoint):
+    """The other graph-relevant layout: linear compressor, untied lm_head (multimodal, sharded)."""
+    return _export(tmp_path_factory, "layout-ort", layout_checkpoint)

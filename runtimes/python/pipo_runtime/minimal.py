@@ -1,0 +1,80 @@
+"""A minimal generation loop over an export: prefill once, then decode step by step, feeding
+each step's present.* states back as past.*. (The full runtime adds IO binding and streaming.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipo_graphs import step_uniforms
+from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import load_manifest
+from pipo_graphs.semantics import SequenceOutput, pack_prompts
+
+from .backend import Backend
+from .runners import GraphRunner, OnnxReferenceRunner, OrtRunner
+
+
+def make_runners(folder: Path, manifest: dict, backend: Backend) -> tuple[GraphRunner, GraphRunner]:
+    files = [folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)]
+    if backend == Backend.ONNXRUNTIME:
+        return OrtRunner(files[0]), OrtRunner(files[1])
+    if backend == Backend.ONNX_REFERENCE:
+        return OnnxReferenceRunner(files[0]), OnnxReferenceRunner(files[1])
+    raise PipoUserError(f"backend {backend.value} cannot run an export folder in this version")
+
+
+def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray]:
+    values = dict(vars(params), threshold=threshold)
+    return {n: np.full((batch,), values[n], dtype=dt) for n, dt in SAMPLING_INPUTS}
+
+
+def check_request(manifest: dict, prompts: list[list[int]], max_steps: int) -> None:
+    vocab, max_context = manifest["model"]["vocab_size"], manifest["model"]["max_context"]
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise PipoUserError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        need = len(p) + len(p) % 2 + 2 * max_steps
+        if need > max_context:
+            raise PipoUserError(f"prompt of {len(p)} tokens plus {max_steps} steps needs {need} "
+                                f"tokens of context; this export allows {max_context}")
+
+
+def generate_with(prefill: GraphRunner, decode: GraphRunner, manifest: dict,
+                  prompts: list[list[int]], max_steps: int, threshold: float, sampling, seed: int,
+                  eos_ids=(), stop_ids=(), seq_offset: int = 0) -> list[SequenceOutput]:
+    """Greedy or sampled generation with two active runners; one SequenceOutput per prompt."""
+    pad = manifest["model"]["pad_token_id"]
+    check_request(manifest, prompts, max_steps)
+    sampling.validate()
+    ids, lengths = pack_prompts(prompts, pad)
+    seqs = [seq_offset + i for i in range(len(prompts))]
+    fixed = sampling_feeds(sampling, threshold, len(prompts))
+    outs = [SequenceOutput() for _ in prompts]
+    eos, stop = set(eos_ids), set(stop_ids)
+    result = prefill.infer({"input_ids": ids, "lengths": lengths, **fixed,
+                            UNIFORMS: step_uniforms(seed, seqs, 0)})
+    for step in range(max_steps):
+        if step:
+            past = {PAST + k[len(PRESENT):]: v for k, v in result.items() if k.startswith(PRESENT)}
+            result = decode.infer({"input_pair": result["pair"], **past, **fixed,
+                                   UNIFORMS: step_uniforms(seed, seqs, step)})
+        for row, out in enumerate(outs):
+            if not out.done:
+                out.add_pair(result["pair"][row], result["confidence"][row], pad, eos, stop)
+        if all(o.done for o in outs):
+            break
+    for out in outs:
+        out.finish_reason = out.finish_reason or "length"
+    return outs
+
+
+def generate_export(folder: Path, backend: Backend, prompts: list[list[int]], args) -> list:
+    """`pipo-export run OUT`: args carries max_steps, threshold, sampling, seed."""
+    manifest = load_manifest(folder)
+    prefill, decode = make_runners(Path(folder), manifest, backend)
+    with prefill, decode:
+        return generate_with(prefill, decode, manifest, prompts, args.max_steps, args.threshold,
+                             args.sampling, args.seed, manifest["model"]["eos_token_ids"])

@@ -1,0 +1,55 @@
+"""Export command behaviour that needs no full trace: refusing to overwrite, atomic output."""
+from __future__ import annotations
+
+import pytest
+
+from pipo_export import ExportError
+from pipo_export.fsutil import atomic_dir
+from pipo_export.lowering import chunk_rule_scan, recurrent_step
+
+from conftest import TINY_REF, run_cli
+
+
+def test_existing_out_needs_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    proc = run_cli("export", str(TINY_REF), "-o", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("exc", [ExportError("boom"), KeyboardInterrupt()])
+def test_failure_or_ctrl_c_leaves_nothing(tmp_path, exc):
+    with pytest.raises(type(exc)):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "prefill_compress.onnx").write_text("partial")
+            raise exc
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_previous(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("x")
+    with atomic_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("length", [1, 2, 11, 64, 65, 200])
+def test_standard_lowering_matches_transformers(length):
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import (torch_chunk_gated_delta_rule,
+                                                              torch_recurrent_gated_delta_rule)
+    g = torch.Generator().manual_seed(length)
+    q, k = torch.randn(2, length, 2, 16, generator=g), torch.randn(2, length, 2, 16, generator=g)
+    v = torch.randn(2, length, 4, 16, generator=g)
+    decay, beta = -torch.rand(2, length, 4, generator=g) * 2, torch.rand(2, length, 4, generator=g)
+    want, want_state = torch_recurrent_gated_delta_rule(
+        q, k, v, g=decay, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    got, state = chunk_rule_scan(q, k, v, decay, beta)
+    assert (got - want).abs().max() < 1e-5 and (state - want_state).abs().max() < 1e-5
+    step_out, step_state = recurrent_step(q[:, :1], k[:, :1], v[:, :1], decay[:, :1], beta[:, :1],
+                                          want_state)
+    ref_out, ref_state = torch_recurrent_gated_delta_rule(
+        q[:, :1], k[:, :1], v[:, :1], g=decay[:, :1], beta=beta[:, :1], initial_state=want_state,
+        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert (step_out - ref_out).abs().max() < 1e-6 and (step_state - ref_state).abs().max() < 1e-6
