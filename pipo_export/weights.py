@@ -31,7 +31,8 @@ def _external_files(path: Path) -> set[Path]:
 
 def share_weights(model_paths: list[Path], data_name: str) -> dict:
     """Rewrite the models (all in one folder) so their large initializers live once, deduplicated
-    by content, 4 KiB aligned, in `data_name` next to them. -> {"tensors", "bytes"}."""
+    by content (dtype + bytes), 4 KiB aligned, in `data_name` next to them.
+    -> {"tensors": unique tensors stored, "bytes": file size}."""
     folder = model_paths[0].parent
     old = set().union(*(_external_files(p) for p in model_paths))
     models = [onnx.load(str(p), load_external_data=True) for p in model_paths]
@@ -45,8 +46,8 @@ def share_weights(model_paths: list[Path], data_name: str) -> dict:
                         onnx.numpy_helper.to_array(t).tobytes()
                     if len(raw) < INLINE_BELOW:
                         continue
-                    key = hashlib.sha256(bytes([t.data_type]) + repr(list(t.dims)).encode()
-                                         + raw).hexdigest()
+                    # bytes only: a reshaped copy of a weight shares the stored bytes
+                    key = hashlib.sha256(bytes([t.data_type]) + raw).hexdigest()
                     if key not in index:
                         f.write(b"\0" * ((-f.tell()) % ALIGN))
                         index[key] = (f.tell(), len(raw))

@@ -28,8 +28,9 @@ def test_fixture_greedy_pairs_through_cli(tiny_ref, expected, i, mode):
     assert out["pairs"] == expected[f"greedy{i}_{mode}"].tolist()
     if mode != "skip":  # the skip regime does not run the confidence head
         assert np.abs(np.array(out["confidence"]) - expected[f"greedy{i}_{mode}_conf"]).max() < 1e-4
-    else:
-        assert out["confidence"] == [None] * 12
+    else:  # prefill always runs the heads; decode steps skip them (If) when tau >= 1
+        assert out["confidence"][1:] == [None] * 11
+        assert abs(out["confidence"][0] - expected[f"greedy{i}_{mode}_conf"][0]) < 1e-4
     assert out["tokens"] == [t for p in out["pairs"] for t in p if t != 511]
 
 

@@ -127,9 +127,13 @@ def test_dynamic_dims_symbolic_if_present_weights_once(trt_export):
     assert {loc for loc, _, _ in refs} == {"weights.data"}
     unique = set(refs)
     spans = sorted((off, off + n) for _, off, n in unique)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor stored twice
-    params = sum(p.numel() * 4 for p in load_checkpoint(TINY_REF).parameters())
-    assert sum(n for _, _, n in unique) <= params  # not more bytes than the model has
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # stored spans never overlap
+    # every weight above the fold limit is stored exactly once, in its original form; only
+    # small tensors (shape arithmetic, < FOLD_LIMIT elements) may also appear folded
+    from pipo_export.trace import FOLD_LIMIT
+    big = sorted(p.numel() * 4 for p in set(load_checkpoint(TINY_REF).parameters())
+                 if p.numel() > FOLD_LIMIT)
+    assert sorted(n for _, _, n in unique if n > FOLD_LIMIT * 4) == big
     for path in ("prefill_compress.onnx", "decode_unfold.onnx"):
         model = onnx.load(str(trt_export / path), load_external_data=False)
         inline = [t.name for g in iter_graphs(model.graph) for t in g.initializer
