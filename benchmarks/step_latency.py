@@ -3,7 +3,11 @@
     python benchmarks/step_latency.py CKPT OUT [--prompt-tokens 64] [--steps 32] [--repeats 3]
 
 Times prefill and every decode step separately (median over repeats, after one warm-up run),
-same prompt, greedy, tau = 0.5. ORT runs through pipo_runtime's minimal loop (numpy feeds).
+same prompt, greedy, tau = 0.5, on three paths:
+  ort-minimal   pipo_runtime.minimal's loop: numpy feeds and outputs every step (session.run)
+  pipo_runtime  PipoSession's ONNX Runtime engine: IO binding, states stay OrtValues
+  torch         pipo_export's reference step functions (eager, float32)
+ms/token divides decode time by the user tokens those steps produced (1 or 2 per step).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import PAST, PRESENT
 from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import pack_prompts
+from pipo_runtime.engines import OrtBindingEngine
 from pipo_runtime.minimal import sampling_feeds
 from pipo_runtime.runners import OrtRunner
 
@@ -43,6 +48,26 @@ def time_ort(folder: Path, ids, lengths, steps: int, threshold: float, threads: 
             out = dec.infer(feeds)
             per_step.append(time.perf_counter() - t)
     return prefill, per_step
+
+
+def time_session(folder: Path, ids, lengths, steps: int, threshold: float, threads: int):
+    m = load_manifest(folder)
+    fixed = sampling_feeds(SamplingParams(), threshold, 1)
+    engine = OrtBindingEngine(folder / m["graphs"]["prefill_compress"]["file"],
+                              folder / m["graphs"]["decode_unfold"]["file"],
+                              ["CPUExecutionProvider"], threads=threads)
+    t = time.perf_counter()
+    engine.prefill({"input_ids": ids, "lengths": lengths, **fixed,
+                    "uniforms": step_uniforms(0, [0], 0)})
+    prefill = time.perf_counter() - t
+    per_step, kept = [], 0
+    for s in range(1, steps):
+        u = step_uniforms(0, [0], s)
+        t = time.perf_counter()
+        pair, _ = engine.decode(u)
+        per_step.append(time.perf_counter() - t)
+        kept += int(pair[0, 1] != m["model"]["pad_token_id"])
+    return prefill, per_step, kept
 
 
 @torch.no_grad()
@@ -75,21 +100,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.config.vocab_size - 2, a.prompt_tokens).tolist()
     ids, lengths = pack_prompts([prompt], model.config.pad_token_id)
-    results = {"onnxruntime": [], "torch": []}
+    paths = {"ort-minimal": lambda: time_ort(Path(a.export), ids, lengths, a.steps, a.threshold,
+                                             a.threads),
+             "pipo_runtime": lambda: time_session(Path(a.export), ids, lengths, a.steps,
+                                                  a.threshold, a.threads),
+             "torch": lambda: time_torch(model, ids, lengths, a.steps, a.threshold)}
+    results = {name: [] for name in paths}
     for r in range(a.repeats + 1):  # first round is warm-up
-        ort = time_ort(Path(a.export), ids, lengths, a.steps, a.threshold, a.threads)
-        tch = time_torch(model, ids, lengths, a.steps, a.threshold)
-        if r:
-            results["onnxruntime"].append(ort)
-            results["torch"].append(tch)
-    print(f"prompt {a.prompt_tokens} tokens, {a.steps - 1} decode steps, batch 1, tau {a.threshold}, "
+        for name, fn in paths.items():
+            out = fn()
+            if r:
+                results[name].append(out)
+    kept = results["pipo_runtime"][0][2]  # greedy: every path makes the same tokens
+    tokens = (a.steps - 1) + kept
+    print(f"prompt {a.prompt_tokens} tokens, {a.steps - 1} decode steps -> {tokens} tokens "
+          f"(token2 kept {kept}/{a.steps - 1}), batch 1, tau {a.threshold}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'backend':12s} {'prefill ms':>11s} {'decode ms/step (median)':>24s} {'p10-p90':>14s}")
+    print(f"{'path':13s} {'prefill ms':>11s} {'ms/step (median)':>17s} {'p10-p90':>14s} "
+          f"{'ms/token':>9s}")
     for name, runs in results.items():
         pre = statistics.median(r[0] for r in runs) * 1e3
         steps = [s * 1e3 for r in runs for s in r[1]]
         q = np.percentile(steps, [10, 50, 90])
-        print(f"{name:12s} {pre:11.2f} {q[1]:24.3f} {q[0]:7.3f}-{q[2]:.3f}")
+        per_token = statistics.median(sum(r[1]) for r in runs) * 1e3 / tokens
+        print(f"{name:13s} {pre:11.2f} {q[1]:17.3f} {q[0]:7.3f}-{q[2]:.3f} {per_token:9.3f}")
 
 
 if __name__ == "__main__":

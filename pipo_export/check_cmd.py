@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from pipo_graphs.contract import DECODE, PREFILL
-from pipo_graphs.manifest import MANIFEST, ManifestError, load_manifest
+from pipo_graphs.manifest import ManifestError, load_manifest
 
 from .trace import symbolic_dims
 from .weights import iter_graphs, weight_refs

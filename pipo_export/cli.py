@@ -30,8 +30,15 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="prompt token ids, e.g. 5,17,300 (repeat for a batch)")
     p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (needs tokenizer.json in the folder; repeat for a batch)")
-    p.add_argument("--max-steps", type=int, default=16,
-                   help="prefill + decode steps; each emits one pair (default 16)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="prefill + decode steps; each emits one pair (default 16 unless "
+                        "--max-new-tokens is given)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="stop after this many user tokens (export folders)")
+    p.add_argument("--stop-token-ids", type=_ids, default=(),
+                   help="comma-separated ids that end a sequence, like EOS")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string: text is cut before it (export with a tokenizer; repeatable)")
     p.add_argument("--threshold", type=float, default=-1.0,
                    help="confidence gate tau: <0 always keep token2, >=1 never (default -1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -87,12 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("compare", help="run the same prompts and random numbers on several "
+                                       "backends and compare them step by step")
+    p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
+    p.add_argument("--backends", default="torch,onnxruntime,onnx-reference")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--ids", type=_ids, action="append", default=[],
+                   help="prompt ids (repeat for a batch); default: three built-in prompts")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=1.5)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
+
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
     p.add_argument("source", help="checkpoint folder or export folder")
     p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="default: torch for a checkpoint, onnxruntime for an export")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--providers", default="cpu",
+                   help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     add_generation_flags(p)
     return parser
 
@@ -119,14 +150,35 @@ def dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "check":
         from .check_cmd import run_check
         return run_check(ns.out, ns.json)
+    if ns.command == "compare":
+        from .compare_cmd import CompareArgs, run_compare
+        try:
+            backends = [Backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
+        except ValueError as exc:
+            raise PipoUserError(f"unknown backend in --backends: {exc}; choose from "
+                                f"{', '.join(b.value for b in Backend)}") from None
+        sampling = sampling_from(ns)
+        sampling.validate()
+        return run_compare(CompareArgs(source=ns.source, backends=backends, steps=ns.steps,
+                                       threshold=ns.threshold, sampling=sampling, seed=ns.seed,
+                                       atol=ns.atol, rtol=ns.rtol, prompts=ns.ids, json=ns.json,
+                                       verbose=ns.verbose))
     if ns.command == "run":
         from .run_cmd import RunArgs, run
         sampling = sampling_from(ns)
         sampling.validate()
+        max_steps = ns.max_steps
+        if max_steps is None and ns.max_new_tokens is None:
+            max_steps = 16
         return run(RunArgs(source=ns.source, backend=Backend(ns.backend) if ns.backend else None,
-                           ids=ns.ids, prompts=ns.prompt, max_steps=ns.max_steps,
+                           ids=ns.ids, prompts=ns.prompt,
+                           max_steps=max_steps, max_new_tokens=ns.max_new_tokens,
+                           stop_token_ids=tuple(ns.stop_token_ids),
+                           stop_strings=tuple(ns.stop),
                            threshold=ns.threshold, sampling=sampling, seed=ns.seed,
-                           mtp_context=ns.mtp_context, dtype=ns.dtype, json=ns.json))
+                           mtp_context=ns.mtp_context, dtype=ns.dtype, json=ns.json,
+                           stream=ns.stream, providers=ns.providers.split(","),
+                           threads=ns.threads))
     raise AssertionError(ns.command)
 
 

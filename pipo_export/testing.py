@@ -77,6 +77,7 @@ def write_tiny_checkpoint(folder: str | Path, layout: TinyLayout = TinyLayout(),
         state.pop("lm_head.weight", None)
     if not layout.compressor_in_config:
         text.pop("compressor_type")
+    write_tiny_tokenizer(folder, text["vocab_size"], text["eos_token_id"], text["pad_token_id"])
     if layout.multimodal:
         state = {("model.language_model." + k[6:] if k.startswith("model.") else k): v
                  for k, v in state.items()}
@@ -101,3 +102,29 @@ def write_tiny_checkpoint(folder: str | Path, layout: TinyLayout = TinyLayout(),
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     return folder
+
+
+CORPUS = """PIPO folds each pair of input tokens into one latent, runs the backbone on sequences of half
+the length, and unfolds every hidden state into two output tokens. A small confidence head decides
+whether the second token is kept. The exporter writes two graphs: prefill compress and decode
+unfold, with sampling and the confidence gate inside the graph. Engineers ship these models on
+servers and on edge boxes, and they expect the tokens to match the reference exactly."""
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int, eos_id: int, pad_id: int) -> None:
+    """A byte-level BPE tokenizer.json sized to the model: bytes, merges learned on a built-in
+    paragraph, reserved fillers, then <|eos|> and <|pad|> at the config's ids (the last two)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    assert {eos_id, pad_id} == {vocab_size - 2, vocab_size - 1}, "tiny shapes end with eos, pad"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.split("\n"), trainer)
+    fill = vocab_size - 2 - tok.get_vocab_size()
+    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(fill)])  # dropped when decoding
+    names = {eos_id: "<|eos|>", pad_id: "<|pad|>"}
+    tok.add_special_tokens([names[vocab_size - 2], names[vocab_size - 1]])
+    assert tok.token_to_id("<|pad|>") == pad_id and tok.get_vocab_size() == vocab_size
+    tok.save(str(folder / "tokenizer.json"))

@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from pipo_export import load_checkpoint
 from pipo_export.check_cmd import check_export, op_types
 from pipo_export.decoder import GenerateOptions, ReferenceDecoder
-from pipo_export.forward import MtpContext, PipoStep
+from pipo_export.forward import MtpContext
 from pipo_export.trace import symbolic_dims
 from pipo_export.validate import reference_step, validate_steps
 from pipo_export.weights import iter_graphs, weight_refs

@@ -37,8 +37,7 @@ def test_force_replaces_previous(tmp_path):
 @pytest.mark.parametrize("length", [1, 2, 11, 64, 65, 200])
 def test_standard_lowering_matches_transformers(length):
     import torch
-    from transformers.models.qwen3_5.modeling_qwen3_5 import (torch_chunk_gated_delta_rule,
-                                                              torch_recurrent_gated_delta_rule)
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
     g = torch.Generator().manual_seed(length)
     q, k = torch.randn(2, length, 2, 16, generator=g), torch.randn(2, length, 2, 16, generator=g)
     v = torch.randn(2, length, 4, 16, generator=g)

@@ -1,1 +1,14 @@
-"""pipo_runtime: embeddable PIPO runtime (numpy + onnxruntime; never imports torch)."""
+"""pipo_runtime: embeddable PIPO runtime (numpy + onnxruntime; never imports torch).
+
+    from pipo_runtime import Backend, GenerationConfig, PipoSession, SamplingParams
+    session = PipoSession.load("export/", backend=Backend.ONNXRUNTIME, threads=2)
+    result = session.generate([[5, 17, 300]], GenerationConfig(max_new_tokens=32, threshold=0.5))
+"""
+from pipo_graphs import SamplingParams
+from pipo_graphs.errors import PipoUserError
+
+from .backend import Backend
+from .session import GenerationConfig, GenerationResult, PipoSession, SequenceResult, StreamEvent
+
+__all__ = ["Backend", "GenerationConfig", "GenerationResult", "PipoSession", "PipoUserError",
+           "SamplingParams", "SequenceResult", "StreamEvent"]

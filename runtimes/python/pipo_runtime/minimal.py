@@ -2,27 +2,14 @@
 each step's present.* states back as past.*. (The full runtime adds IO binding and streaming.)"""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import SequenceOutput, pack_prompts
 
-from .backend import Backend
-from .runners import GraphRunner, OnnxReferenceRunner, OrtRunner
-
-
-def make_runners(folder: Path, manifest: dict, backend: Backend) -> tuple[GraphRunner, GraphRunner]:
-    files = [folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)]
-    if backend == Backend.ONNXRUNTIME:
-        return OrtRunner(files[0]), OrtRunner(files[1])
-    if backend == Backend.ONNX_REFERENCE:
-        return OnnxReferenceRunner(files[0]), OnnxReferenceRunner(files[1])
-    raise PipoUserError(f"backend {backend.value} cannot run an export folder in this version")
+from .runners import GraphRunner
 
 
 def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray]:
@@ -69,12 +56,3 @@ def generate_with(prefill: GraphRunner, decode: GraphRunner, manifest: dict,
     for out in outs:
         out.finish_reason = out.finish_reason or "length"
     return outs
-
-
-def generate_export(folder: Path, backend: Backend, prompts: list[list[int]], args) -> list:
-    """`pipo-export run OUT`: args carries max_steps, threshold, sampling, seed."""
-    manifest = load_manifest(folder)
-    prefill, decode = make_runners(Path(folder), manifest, backend)
-    with prefill, decode:
-        return generate_with(prefill, decode, manifest, prompts, args.max_steps, args.threshold,
-                             args.sampling, args.seed, manifest["model"]["eos_token_ids"])

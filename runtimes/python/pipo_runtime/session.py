@@ -1,0 +1,217 @@
+"""PipoSession: load an export folder once, then generate or stream.
+
+    session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
+    result = session.generate(["Hello"] or [[5, 17, 300]], GenerationConfig(max_new_tokens=64))
+    for event in session.stream([[5, 17, 300]], GenerationConfig(temperature=...)): ...
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+from pipo_graphs import SamplingParams, step_uniforms
+from pipo_graphs.contract import DECODE, PREFILL, UNIFORMS
+from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import load_manifest
+from pipo_graphs.semantics import SequenceOutput, pack_prompts
+
+from .backend import Backend
+from .engines import Engine, OrtBindingEngine, RunnerEngine, TorchEngine
+from .minimal import check_request, sampling_feeds
+from .runners import OnnxReferenceRunner
+from .text import encode, load_tokenizer
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass
+class GenerationConfig:
+    """One request. Generation stops per row at EOS, a stop id/string, max_new_tokens user
+    tokens, or after max_steps steps (prefill included; each step emits one pair)."""
+
+    max_steps: int | None = None
+    max_new_tokens: int | None = None
+    threshold: float = -1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    seq_offset: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def steps(self) -> int:
+        if self.max_steps is None and self.max_new_tokens is None:
+            raise PipoUserError("give max_steps or max_new_tokens")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise PipoUserError("max_new_tokens must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PipoUserError("max_steps must be >= 1")
+        by_tokens = self.max_new_tokens if self.max_new_tokens is not None else 1 << 30
+        return min(self.max_steps or 1 << 30, by_tokens)  # >= 1 user token per step unless PAD
+
+
+@dataclass
+class SequenceResult(SequenceOutput):
+    text: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[SequenceResult]
+    ttft_s: float = 0.0  # request start to the first pair
+    decode_s: float = 0.0  # all decode steps
+    steps: int = 0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / max(self.steps - 1, 1)
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decode time per user-visible token after the first step."""
+        later = sum(max(len(s.tokens) - len(s.pairs[0]) if s.pairs else 0, 0)
+                    for s in self.sequences)
+        return 1e3 * self.decode_s / max(later, 1)
+
+
+@dataclass
+class StreamEvent:
+    row: int
+    tokens: list[int]  # user tokens this step added to the row
+    text: str = ""  # text delta (empty without a tokenizer)
+    step: int = 0
+
+
+class PipoSession:
+    """A loaded export (or, for Backend.TORCH, its source checkpoint)."""
+
+    def __init__(self, folder: Path, manifest: dict, engine: Engine, tokenizer):
+        self.folder, self.manifest, self.engine, self.tokenizer = folder, manifest, engine, tokenizer
+        self.pad_id = manifest["model"]["pad_token_id"]
+        self.eos_ids = set(manifest["model"]["eos_token_ids"])
+
+    @classmethod
+    def load(cls, folder, backend: Backend | str = Backend.ONNXRUNTIME,
+             providers: list[str] | None = None, threads: int = 0, session_options=None,
+             checkpoint: str | None = None) -> "PipoSession":
+        """Check the manifest (contract version, sha256 of every file), then load the backend."""
+        folder = Path(folder)
+        manifest = load_manifest(folder)
+        try:
+            backend = Backend(backend)
+        except ValueError:
+            raise PipoUserError(f"unknown backend {backend!r}; choose from "
+                                f"{', '.join(b.value for b in Backend)}") from None
+        files = [folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)]
+        if backend == Backend.ONNXRUNTIME:
+            import onnxruntime as ort
+            names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
+            missing = [p for p in names if p not in ort.get_available_providers()]
+            if missing:
+                raise PipoUserError(f"ONNX Runtime providers {missing} are not available here "
+                                    f"(available: {ort.get_available_providers()})")
+            engine = OrtBindingEngine(files[0], files[1], names, session_options, threads)
+        elif backend == Backend.ONNX_REFERENCE:
+            engine = RunnerEngine(OnnxReferenceRunner(files[0]), OnnxReferenceRunner(files[1]))
+        elif backend == Backend.TORCH:
+            source = checkpoint or manifest["export"].get("source")
+            if not source or not Path(source).is_dir():
+                raise PipoUserError(f"the torch backend needs the export's source checkpoint "
+                                    f"({source} not found); pass its folder")
+            engine = TorchEngine(source, manifest["export"]["mtp_context"],
+                                 manifest["export"]["sample_cap"])
+        else:
+            raise PipoUserError(f"backend {backend.value} needs TensorRT engines "
+                                "(pipo-export build), not available in this version")
+        return cls(folder, manifest, engine, load_tokenizer(folder))
+
+    def _prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = [encode(self.tokenizer, p, self.folder) if isinstance(p, str) else list(p)
+               for p in prompts]
+        if not out or any(len(p) == 0 for p in out):
+            raise PipoUserError("empty prompt: every prompt needs at least one token")
+        return out
+
+    def stream(self, prompts, config: GenerationConfig) -> Iterator[StreamEvent]:
+        """Yield user tokens (and text deltas) as steps complete. The final result is available
+        as `self.last_result` once the iterator is exhausted."""
+        prompts = self._prompts(prompts)
+        steps = config.steps()
+        config.sampling.validate()
+        check_request(self.manifest, prompts, steps)
+        ids, lengths = pack_prompts(prompts, self.pad_id)
+        seqs = [config.seq_offset + i for i in range(len(prompts))]
+        fixed = sampling_feeds(config.sampling, config.threshold, len(prompts))
+        outs = [SequenceResult() for _ in prompts]
+        texts = ["" for _ in prompts]
+        stop_ids = set(config.stop_token_ids)
+        result = GenerationResult(outs)
+        start = time.perf_counter()
+        pair, conf = self.engine.prefill({"input_ids": ids, "lengths": lengths, **fixed,
+                                          UNIFORMS: step_uniforms(config.seed, seqs, 0)})
+        result.ttft_s = time.perf_counter() - start
+        for step in range(steps):
+            if step:
+                t = time.perf_counter()
+                pair, conf = self.engine.decode(step_uniforms(config.seed, seqs, step))
+                result.decode_s += time.perf_counter() - t
+            result.steps = step + 1
+            for row, out in enumerate(outs):
+                if out.done:
+                    continue
+                new = out.add_pair(pair[row], conf[row], self.pad_id, self.eos_ids, stop_ids)
+                new = self._limit(out, new, config)
+                delta = self._text(out, row, texts, config)
+                if new or delta:
+                    yield StreamEvent(row, new, delta, step)
+            if all(o.done for o in outs):
+                break
+        for row, out in enumerate(outs):
+            out.finish_reason = out.finish_reason or "length"
+            delta = self._text(out, row, texts, config, final=True)
+            if delta:
+                yield StreamEvent(row, [], delta, result.steps - 1)
+        self.last_result = result
+
+    def generate(self, prompts, config: GenerationConfig) -> GenerationResult:
+        """Run to completion; exactly what `stream` yields, collected."""
+        for _ in self.stream(prompts, config):
+            pass
+        return self.last_result
+
+    @staticmethod
+    def _limit(out: SequenceResult, new: list[int], config: GenerationConfig) -> list[int]:
+        if config.max_new_tokens is not None and len(out.tokens) >= config.max_new_tokens:
+            extra = len(out.tokens) - config.max_new_tokens
+            if extra:
+                del out.tokens[config.max_new_tokens:]
+                new = new[:len(new) - extra]
+            out.finish_reason = out.finish_reason or "length"
+        return new
+
+    def _text(self, out: SequenceResult, row: int, texts: list[str], config,
+              final: bool = False) -> str:
+        """The row's new text since the last call. Text ending in U+FFFD (a character whose
+        bytes are still arriving) is held back until it resolves or the row ends."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        for stop in config.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, out.finish_reason = text[:cut], "stop"
+        out.text = text
+        if not (final or out.done):
+            text = text.rstrip("\ufffd")
+        if not text.startswith(texts[row]):
+            return ""  # cannot happen for byte-level decoding; never retract emitted text
+        delta, texts[row] = text[len(texts[row]):], text
+        return delta
+
+    def close(self) -> None:
+        self.engine.close()
