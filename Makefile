@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/pipo-export inspect $(DEMO)/checkpoint
 	$(BIN)/pipo-export export $(DEMO)/checkpoint -o $(DEMO)/export --force
 	$(BIN)/pipo-export check $(DEMO)/export
-	$(BIN)/pipo-export run $(DEMO)/export --ids 5,17,300,42,7 --max-steps 8 --stream
+	$(BIN)/pipo-export run $(DEMO)/export --prompt "PIPO folds each pair" --max-steps 8 --stream
 	$(BIN)/pipo-export run $(DEMO)/export --ids 5,17,300,42,7 --max-steps 8 --json \
 		--temperature 1.0 --top-p 0.95 --top-k 20 --presence-penalty 1.5 --seed 1 --threshold 0.5
 	$(BIN)/pipo-export compare $(DEMO)/export --backends torch,onnxruntime,onnx-reference --steps 6

@@ -54,7 +54,8 @@ def check_export(folder: str | Path) -> CheckReport:
                 bad.append(f"{t['name']}: file {have}, manifest {t['shape']}")
         report.add(f"I/O of {path.name} as in the manifest (dynamic dims symbolic)", not bad,
                    "; ".join(bad[:4]))
-    report.add("decode graph holds the confidence-gate If", "If" in op_types(paths[DECODE]))
+    if manifest["export"].get("mode", "pipo") == "pipo":
+        report.add("decode graph holds the confidence-gate If", "If" in op_types(paths[DECODE]))
     refs = weight_refs(paths[PREFILL]) + weight_refs(paths[DECODE])
     files = {loc for loc, _, _ in refs}
     stored = sum(length for _, _, length in set(refs))

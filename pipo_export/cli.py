@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-cap", type=int, default=1024,
                    help="top candidates the in-graph sampler draws from (default 1024)")
     p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full")
+    p.add_argument("--mode", choices=("pipo", "regular"), default="pipo",
+                   help="regular: the backbone alone as a plain causal LM, one token per step "
+                        "(the baseline `bench` compares PIPO against)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs torch check at the end of the export")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -141,11 +144,11 @@ def dispatch(ns: argparse.Namespace) -> int:
         return 0
     if ns.command == "export":
         from .export_cmd import export
-        from .options import DType, ExportOptions
+        from .options import DType, ExportOptions, Mode
         export(ExportOptions(checkpoint=ns.checkpoint, out=ns.out, target=Target(ns.target),
                              dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
                              opset=ns.opset, sample_cap=ns.sample_cap, mtp_context=ns.mtp_context,
-                             validate=not ns.no_validate))
+                             validate=not ns.no_validate, mode=Mode(ns.mode)))
         return 0
     if ns.command == "check":
         from .check_cmd import run_check

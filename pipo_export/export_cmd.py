@@ -18,11 +18,12 @@ from pipo_runtime.text import TOKENIZER_FILES
 
 from .checkpoint import load_checkpoint
 from .errors import ExportError
-from .forward import MtpContext, PipoStep
+from .forward import MtpContext
 from .fsutil import atomic_dir
 from .io_spec import graph_specs, model_dims
 from .lowering import STANDARD_KERNELS
-from .options import ExportOptions
+from .options import ExportOptions, Mode
+from .regular import step_class
 from .trace import symbolic_dims, trace_decode, trace_prefill
 from .validate import TOLERANCES, reference_step, validate_steps
 from .weights import share_weights
@@ -95,13 +96,16 @@ def export(opts: ExportOptions) -> dict:
     t0 = progress(1, f"loading checkpoint {opts.checkpoint} ({opts.dtype.value})")
     model = load_checkpoint(opts.checkpoint, dtype=opts.dtype.torch)
     dims = model_dims(model)
-    prefill_spec, decode_spec, states = graph_specs(dims, opts.dtype.value)
-    step = PipoStep(model, kernels=kernels_for(opts.target), sample_cap=opts.sample_cap,
-                    use_cond=True, mtp_context=MtpContext(opts.mtp_context))
+    pipo = opts.mode == Mode.PIPO
+    prefill_spec, decode_spec, states = graph_specs(dims, opts.dtype.value, mtp=pipo)
+    step = step_class(opts.mode)(model, kernels=kernels_for(opts.target),
+                                 sample_cap=opts.sample_cap, use_cond=True,
+                                 mtp_context=MtpContext(opts.mtp_context))
     max_context = opts.max_context or model.config.text.max_position_embeddings
     timings = {}
     with atomic_dir(opts.out, opts.force) as tmp:
-        t = progress(2, f"tracing {DECODE} (target {opts.target.value}, opset {opts.opset})")
+        t = progress(2, f"tracing {DECODE} (mode {opts.mode.value}, target {opts.target.value}, "
+                        f"opset {opts.opset})")
         trace_decode(step, decode_spec, states, tmp / GRAPH_FILES[DECODE], opts.opset)
         timings["trace_decode_s"] = time.perf_counter() - t
         t = progress(3, f"tracing {PREFILL}")
@@ -127,7 +131,7 @@ def export(opts: ExportOptions) -> dict:
             shutil.copy2(Path(opts.checkpoint) / name, tmp / name)
         timings["total_s"] = time.perf_counter() - t0
         manifest = build_manifest(model, dims, opts, max_context, io, states, weights, timings,
-                                  validation)
+                                  validation, (prefill_spec, decode_spec))
         manifest["files"] = file_entries(tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied])
         import json
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -137,7 +141,7 @@ def export(opts: ExportOptions) -> dict:
 
 
 def _validate(model, paths, atol, rtol, opts) -> dict:
-    ref_step = reference_step(model, sample_cap=opts.sample_cap,
+    ref_step = reference_step(model, step_class(opts.mode), sample_cap=opts.sample_cap,
                               mtp_context=MtpContext(opts.mtp_context))
     feeds, sampling, uniforms = validation_feeds(model)
     state_dtype = {"float32": np.float32, "float16": np.float16}.get(opts.dtype.value, np.float32)
@@ -155,7 +159,8 @@ def _validate(model, paths, atol, rtol, opts) -> dict:
     return {"atol": atol, "rtol": rtol, "steps": len(report), "max_abs_error": worst}
 
 
-def build_manifest(model, dims, opts, max_context, io, states, weights, timings, validation):
+def build_manifest(model, dims, opts, max_context, io, states, weights, timings, validation,
+                   specs):
     cfg = model.config
     return {
         "format": "pipo-export",
@@ -170,7 +175,7 @@ def build_manifest(model, dims, opts, max_context, io, states, weights, timings,
                   "pad_token_id": cfg.pad_token_id, "eos_token_ids": cfg.eos_token_ids,
                   "compressor_type": cfg.compressor_type.value, "max_context": max_context,
                   "parameters": sum(p.numel() for p in model.parameters())},
-        "export": {"target": opts.target.value, "dtype": opts.dtype.value, "opset": opts.opset,
+        "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value, "opset": opts.opset,
                    "sample_cap": min(opts.sample_cap, dims.vocab_size),
                    "mtp_context": opts.mtp_context, "tool_versions": tool_versions(),
                    "source": str(Path(opts.checkpoint).resolve()),
@@ -179,8 +184,7 @@ def build_manifest(model, dims, opts, max_context, io, states, weights, timings,
         "graphs": {g: {"file": GRAPH_FILES[g], "inputs": [t for t in io[g] if t["name"] in
                                                            {i.name for i in spec.inputs}],
                        "outputs": [t for t in io[g] if t["name"] in {o.name for o in spec.outputs}]}
-                   for g, spec in ((PREFILL, graph_specs(dims, opts.dtype.value)[0]),
-                                   (DECODE, graph_specs(dims, opts.dtype.value)[1]))},
+                   for g, spec in ((PREFILL, specs[0]), (DECODE, specs[1]))},
         "weights": {"file": WEIGHTS_FILE, **weights},
         "states": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "layer": s.layer,
                     "kind": s.kind} for s in states],

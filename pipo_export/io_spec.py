@@ -54,9 +54,12 @@ def _sampling() -> tuple[TensorSpec, ...]:
         TensorSpec(UNIFORMS, "float32", ("batch", 2)),)
 
 
-def graph_specs(dims: ModelDims, dtype: str) -> tuple[GraphSpec, GraphSpec, list[StateSpec]]:
-    """-> (prefill spec, decode spec, states). Prefill outputs hold P = prompt_pairs slots."""
-    states = state_specs(dims, DTYPE_NAMES[dtype])
+def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
+                ) -> tuple[GraphSpec, GraphSpec, list[StateSpec]]:
+    """-> (prefill spec, decode spec, states). Prefill outputs hold P = prompt_pairs slots
+    (PIPO) or 2*prompt_pairs slots (regular decoding, mtp=False: one token per slot)."""
+    states = state_specs(dims, DTYPE_NAMES[dtype], mtp)
+    slots = "prompt_pairs" if mtp else "2*prompt_pairs"
     head = (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
 
     def with_dim(shape, old, new):
@@ -66,8 +69,7 @@ def graph_specs(dims: ModelDims, dtype: str) -> tuple[GraphSpec, GraphSpec, list
         PREFILL,
         (TensorSpec("input_ids", "int64", ("batch", "prompt_tokens")),
          TensorSpec("lengths", "int64", ("batch",))) + _sampling(),
-        head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs",
-                                                                     "prompt_pairs"))
+        head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs", slots))
                      for s in states))
     decode = GraphSpec(
         DECODE,

@@ -12,6 +12,11 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+class Mode(str, Enum):
+    PIPO = "pipo"  # pair in, pair out (the model)
+    REGULAR = "regular"  # the backbone as a plain causal LM, one token per step (baseline)
+
+
 class DType(str, Enum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
@@ -34,3 +39,4 @@ class ExportOptions:
     sample_cap: int = 1024
     mtp_context: str = "full"
     validate: bool = True
+    mode: Mode = Mode.PIPO

@@ -71,12 +71,14 @@ def generate_session(args: RunArgs, backend: Backend) -> list[dict]:
                               stop_strings=tuple(args.stop_strings))
     prompts = list(args.ids) + list(args.prompts)
     show = args.stream and not args.json
+    as_text = session.tokenizer is not None
     try:
         for event in session.stream(prompts, config):
-            if show and len(prompts) > 1:
-                print(f"[{event.row}] {event.text or ' '.join(map(str, event.tokens))}", flush=True)
-            elif show:
-                print(event.text or " ".join(map(str, event.tokens)) + " ", end="", flush=True)
+            piece = event.text if as_text else " ".join(map(str, event.tokens)) + " "
+            if show and piece and len(prompts) > 1:
+                print(f"[{event.row}] {piece}", flush=True)
+            elif show and piece:
+                print(piece, end="", flush=True)
         if show and len(prompts) == 1:
             print()
     finally:

@@ -56,10 +56,10 @@ def compare_outputs(got: dict, ref: dict, atol: float, rtol: float) -> list[Outp
     return errors
 
 
-def reference_step(model, **kw) -> PipoStep:
-    """A float64 copy of the model wrapped in a reference PipoStep."""
+def reference_step(model, step_cls=PipoStep, **kw) -> PipoStep:
+    """A float64 copy of the model wrapped in a reference PipoStep (or RegularStep)."""
     import copy
-    return PipoStep(copy.deepcopy(model).double(), **kw)
+    return step_cls(copy.deepcopy(model).double(), **kw)
 
 
 def torch_feeds(feeds: dict, dtype: torch.dtype) -> dict:

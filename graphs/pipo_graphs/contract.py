@@ -108,8 +108,9 @@ class ModelDims:
     extra: dict = field(default_factory=dict)
 
 
-def state_specs(d: ModelDims, cache_dtype: str = "float32") -> list[StateSpec]:
-    """Every state of the contract, in graph I/O order."""
+def state_specs(d: ModelDims, cache_dtype: str = "float32", mtp: bool = True) -> list[StateSpec]:
+    """Every state of the contract, in graph I/O order. mtp=False: regular-decoding exports
+    (no MTP cache; each slot of past_pairs holds one token)."""
     specs: list[StateSpec] = []
     kv = ("batch", d.num_key_value_heads, "past_pairs", d.head_dim)
     for i, kind in enumerate(d.layer_types):
@@ -122,9 +123,10 @@ def state_specs(d: ModelDims, cache_dtype: str = "float32") -> list[StateSpec]:
                       StateSpec(f"recurrent.{i}", "float32",
                                 ("batch", d.linear_num_value_heads, d.linear_key_head_dim,
                                  d.linear_value_head_dim), i, "recurrent")]
-    specs += [StateSpec("mtp_key", cache_dtype, kv, None, "mtp_key"),
-              StateSpec("mtp_value", cache_dtype, kv, None, "mtp_value"),
-              StateSpec("attention_mask", "bool", ("batch", "past_pairs"), None, "attention_mask"),
+    if mtp:
+        specs += [StateSpec("mtp_key", cache_dtype, kv, None, "mtp_key"),
+                  StateSpec("mtp_value", cache_dtype, kv, None, "mtp_value")]
+    specs += [StateSpec("attention_mask", "bool", ("batch", "past_pairs"), None, "attention_mask"),
               StateSpec("position", "int64", ("batch",), None, "position"),
               StateSpec("prompt_mask", "bool", ("batch", d.vocab_size), None, "prompt_mask"),
               StateSpec("output_mask", "bool", ("batch", d.vocab_size), None, "output_mask")]

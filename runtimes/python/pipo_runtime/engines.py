@@ -131,17 +131,18 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, checkpoint: str, mtp_context: str, sample_cap: int):
+    def __init__(self, checkpoint: str, mtp_context: str, sample_cap: int, mode: str = "pipo"):
         try:
             import torch
             from pipo_export import load_checkpoint
-            from pipo_export.forward import MtpContext, PipoStep
+            from pipo_export.forward import MtpContext
+            from pipo_export.regular import step_class
         except ImportError as exc:
             raise PipoUserError(f"the torch backend needs torch and pipo-export installed "
                                 f"({exc}); use --backend onnxruntime") from None
         self.torch = torch
-        self.step = PipoStep(load_checkpoint(checkpoint), sample_cap=sample_cap,
-                             mtp_context=MtpContext(mtp_context))
+        self.step = step_class(mode)(load_checkpoint(checkpoint), sample_cap=sample_cap,
+                                           mtp_context=MtpContext(mtp_context))
 
     def _t(self, a):
         return self.torch.from_numpy(np.ascontiguousarray(a))

@@ -56,6 +56,7 @@ class GenerationConfig:
 @dataclass
 class SequenceResult(SequenceOutput):
     text: str | None = None
+    prefill_tokens: int = 0  # user tokens the prefill step emitted (1 or 2)
 
 
 @dataclass
@@ -72,8 +73,7 @@ class GenerationResult:
     @property
     def ms_per_token(self) -> float:
         """Decode time per user-visible token after the first step."""
-        later = sum(max(len(s.tokens) - len(s.pairs[0]) if s.pairs else 0, 0)
-                    for s in self.sequences)
+        later = sum(len(s.tokens) - s.prefill_tokens for s in self.sequences)
         return 1e3 * self.decode_s / max(later, 1)
 
 
@@ -122,7 +122,8 @@ class PipoSession:
                 raise PipoUserError(f"the torch backend needs the export's source checkpoint "
                                     f"({source} not found); pass its folder")
             engine = TorchEngine(source, manifest["export"]["mtp_context"],
-                                 manifest["export"]["sample_cap"])
+                                 manifest["export"]["sample_cap"],
+                                 manifest["export"].get("mode", "pipo"))
         else:
             raise PipoUserError(f"backend {backend.value} needs TensorRT engines "
                                 "(pipo-export build), not available in this version")
@@ -166,6 +167,8 @@ class PipoSession:
                     continue
                 new = out.add_pair(pair[row], conf[row], self.pad_id, self.eos_ids, stop_ids)
                 new = self._limit(out, new, config)
+                if step == 0:
+                    out.prefill_tokens = len(out.tokens)
                 delta = self._text(out, row, texts, config)
                 if new or delta:
                     yield StreamEvent(row, new, delta, step)
