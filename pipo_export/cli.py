@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a built-in PIPO checkpoint with random weights")
     p.add_argument("out")
-    p.add_argument("--shape", choices=("tiny", "small"), default="tiny",
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny",
                    help="tiny: hidden 64, 4 layers; small: hidden 256, 8 layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
@@ -116,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
+
+    p = sub.add_parser("bench", help="benchmark PIPO against regular decoding and transformers "
+                                     "eager on a built-in shape (random weights)")
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers")
+    p.add_argument("--contexts", type=_ids, default=[1024, 4096],
+                   help="prompt lengths in tokens, comma-separated (default 1024,4096)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up")
+    p.add_argument("--threshold", type=float, default=0.5, help="tau of the gated PIPO run")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--workdir", default="build/bench",
+                   help="where checkpoints and exports are written and reused")
+    p.add_argument("--rebuild", action="store_true", help="export again even if present")
+    p.add_argument("--json", dest="json_file", default=None, metavar="FILE")
+    p.add_argument("--plot", dest="plot_file", default=None, metavar="FILE.png")
 
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
     p.add_argument("source", help="checkpoint folder or export folder")
@@ -166,6 +182,13 @@ def dispatch(ns: argparse.Namespace) -> int:
                                        threshold=ns.threshold, sampling=sampling, seed=ns.seed,
                                        atol=ns.atol, rtol=ns.rtol, prompts=ns.ids, json=ns.json,
                                        verbose=ns.verbose))
+    if ns.command == "bench":
+        from .bench_cmd import BenchOptions, run_bench
+        return run_bench(BenchOptions(shape=ns.shape, layers=ns.layers, contexts=ns.contexts,
+                                      new_tokens=ns.new_tokens, repeats=ns.repeats,
+                                      threshold=ns.threshold, threads=ns.threads,
+                                      workdir=ns.workdir, rebuild=ns.rebuild,
+                                      json_file=ns.json_file, plot_file=ns.plot_file))
     if ns.command == "run":
         from .run_cmd import RunArgs, run
         sampling = sampling_from(ns)

@@ -30,7 +30,33 @@ SMALL_TEXT_CONFIG = dict(
     linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8,
     layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
     + ["full_attention"], pad_token_id=8191, eos_token_id=8190)
-SHAPES = {"tiny": TINY_TEXT_CONFIG, "small": SMALL_TEXT_CONFIG}
+# Qwen3.5-0.8B's text dims (hidden 1024, 24 layers of 3 Gated DeltaNet : 1 gated attention,
+# 8 query / 2 KV heads of 256, 16 + 16 linear heads of 128, vocab 248,320, tied embeddings);
+# random weights. `with_layers` cuts the depth for machines where 24 layers take too long.
+QWEN35_08B_TEXT_CONFIG = dict(
+    TINY_TEXT_CONFIG, vocab_size=248320, hidden_size=1024, intermediate_size=3584,
+    num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=16, max_position_embeddings=262144,
+    layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                     "partial_rotary_factor": 0.25},
+    pad_token_id=248044, eos_token_id=248046)
+SHAPES = {"tiny": TINY_TEXT_CONFIG, "small": SMALL_TEXT_CONFIG,
+          "qwen3.5-0.8b": QWEN35_08B_TEXT_CONFIG}
+
+
+def with_layers(text_config: dict, layers: int | None, max_positions: int | None = None) -> dict:
+    """The config cut to its first `layers` layers (the layer pattern kept), optionally with a
+    larger max_position_embeddings."""
+    out = dict(text_config)
+    if layers:
+        if not 1 <= layers <= text_config["num_hidden_layers"]:
+            raise ValueError(f"layers must be in [1, {text_config['num_hidden_layers']}]")
+        out.update(num_hidden_layers=layers, layer_types=text_config["layer_types"][:layers])
+    if max_positions:
+        out["max_position_embeddings"] = max(out["max_position_embeddings"], max_positions)
+    return out
 
 
 @dataclass
@@ -77,7 +103,9 @@ def write_tiny_checkpoint(folder: str | Path, layout: TinyLayout = TinyLayout(),
         state.pop("lm_head.weight", None)
     if not layout.compressor_in_config:
         text.pop("compressor_type")
-    write_tiny_tokenizer(folder, text["vocab_size"], text["eos_token_id"], text["pad_token_id"])
+    if text["vocab_size"] <= 16384:  # real-vocab shapes get no toy tokenizer
+        write_tiny_tokenizer(folder, text["vocab_size"], text["eos_token_id"],
+                             text["pad_token_id"])
     if layout.multimodal:
         state = {("model.language_model." + k[6:] if k.startswith("model.") else k): v
                  for k, v in state.items()}

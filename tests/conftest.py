@@ -65,6 +65,13 @@ def trt_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def regular_export(tmp_path_factory):
+    """pipo-tiny-ref's backbone as a plain causal LM (`export --mode regular`)."""
+    from pipo_export.options import Mode
+    return _export(tmp_path_factory, "ref-regular", TINY_REF, mode=Mode.REGULAR)
+
+
+@pytest.fixture(scope="session")
 def layout_checkpoint(tmp_path_factory):
     from pipo_export.testing import TinyLayout, write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "mm-linear-untied",

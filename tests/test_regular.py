@@ -8,11 +8,10 @@ import torch
 
 from pipo_export.decoder import GenerateOptions, ReferenceDecoder
 from pipo_export.hf_baseline import hf_causal_lm
-from pipo_export.options import Mode
 from pipo_export.regular import RegularStep
 from pipo_runtime import GenerationConfig, PipoSession
 
-from conftest import TINY_REF, _export, run_cli
+from conftest import run_cli
 
 PROMPTS = [[5, 17, 300], list(range(40, 51)), list(range(7, 137))]  # 3, 11, 130 tokens
 
@@ -36,11 +35,6 @@ def test_regular_step_equals_transformers_generate(ref_model, hf_tokens):
     for out, want in zip(outs, hf_tokens):
         assert out.tokens == want
         assert all(p[1] == ref_model.config.pad_token_id for p in out.pairs)
-
-
-@pytest.fixture(scope="module")
-def regular_export(tmp_path_factory):
-    return _export(tmp_path_factory, "ref-regular", TINY_REF, mode=Mode.REGULAR)
 
 
 def test_regular_export_runs_like_transformers(regular_export, hf_tokens):
