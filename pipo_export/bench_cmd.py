@@ -57,8 +57,8 @@ def prepare(opts: BenchOptions) -> tuple[Path, Path, Path]:
     if opts.shape not in SHAPES:
         raise PipoUserError(f"unknown shape {opts.shape!r}; choose from {', '.join(SHAPES)}")
     need = max(opts.contexts) + 2 * opts.new_tokens + 2
-    try:
-        config = with_layers(SHAPES[opts.shape], opts.layers, need)
+    try:  # max positions >= 32K so the exports serve later runs with other contexts
+        config = with_layers(SHAPES[opts.shape], opts.layers, max(need, 32768))
     except ValueError as exc:
         raise PipoUserError(f"--layers: {exc}") from None
     root = Path(opts.workdir) / f"{opts.shape}-L{config['num_hidden_layers']}"
@@ -74,8 +74,7 @@ def prepare(opts: BenchOptions) -> tuple[Path, Path, Path]:
             log(f"reusing {out} (--rebuild to export again)")
             continue
         log(f"exporting {mode.value} to {out}")
-        export(ExportOptions(checkpoint=str(ckpt), out=str(out), mode=mode, force=True,
-                             max_context=need))
+        export(ExportOptions(checkpoint=str(ckpt), out=str(out), mode=mode, force=True))
     return ckpt, outs[Mode.PIPO], outs[Mode.REGULAR]
 
 

@@ -1,6 +1,9 @@
 """Trace PipoStep.prefill / PipoStep.decode into ONNX with torch.onnx (dynamo)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
 
 import onnx
@@ -65,7 +68,7 @@ def _dims(batch: Dim, spec_shape: tuple, named: dict) -> dict:
 def export_graph(module: nn.Module, args: tuple, dynamic_shapes, spec: GraphSpec, path: Path,
                  opset: int) -> None:
     """Export `module(*args)` to path (weights as external data, unoptimized)."""
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         try:
             prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
                                      dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
@@ -76,6 +79,22 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, spec: GraphSpec
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     fold_small_constants(prog)
     prog.save(str(path), external_data=True)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's chatter that is no news to our users: torchvision ops it skips,
+    dim-name reuse notices and pytree deprecations. Errors still raise."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 FOLD_LIMIT = 4096  # elements: fold shape/axes arithmetic, never rewrite (and duplicate) weights

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import SequenceOutput, pack_prompts
 
 from .backend import Backend
-from .engines import Engine, OrtBindingEngine, RunnerEngine, TorchEngine
+from .engines import Engine, OrtBindingEngine, RunnerEngine
 from .minimal import check_request, sampling_feeds
 from .runners import OnnxReferenceRunner
 from .text import encode, load_tokenizer
@@ -121,6 +122,11 @@ class PipoSession:
             if not source or not Path(source).is_dir():
                 raise PipoUserError(f"the torch backend needs the export's source checkpoint "
                                     f"({source} not found); pass its folder")
+            try:  # the compiler package; never imported for the other backends
+                TorchEngine = importlib.import_module("pipo_export.torch_engine").TorchEngine
+            except ImportError as exc:
+                raise PipoUserError(f"the torch backend needs torch and pipo-export installed "
+                                    f"({exc}); use --backend onnxruntime") from None
             engine = TorchEngine(source, manifest["export"]["mtp_context"],
                                  manifest["export"]["sample_cap"],
                                  manifest["export"].get("mode", "pipo"))
