@@ -148,15 +148,23 @@ def _validate(model, paths, atol, rtol, opts) -> dict:
     with OrtRunner(paths[0]) as pre, OrtRunner(paths[1]) as dec:
         report = validate_steps(ref_step, pre, dec, feeds, 2, sampling, uniforms, atol, rtol,
                                 state_dtype)
-    worst = {}
+    worst, near_ties = {}, [step for step, errors in report if errors[0].name == "near_tie"]
+    if len(near_ties) == len(report):
+        raise ExportError("validation could not compare any step: every step's tokens sat at a "
+                          "near-tie of the float64 reference; the export was not written")
     for step, errors in report:
-        for e in errors:
+        for e in (e for e in errors if e.name != "near_tie"):
             if not e.ok:
                 raise ExportError(f"validation failed at step {step}: {e.name} max abs error "
                                   f"{e.max_abs:.3g} (atol {atol}, rtol {rtol}, {e.mismatches} "
                                   "elements outside); the export was not written")
             worst[e.name] = max(worst.get(e.name, 0.0), e.max_abs)
-    return {"atol": atol, "rtol": rtol, "steps": len(report), "max_abs_error": worst}
+    if near_ties:
+        print(f"  steps {near_ties}: a token differs where the float64 reference is at a near-tie "
+              "(also picks it under 1e-3 logit noise); those steps were not compared",
+              file=sys.stderr)
+    return {"atol": atol, "rtol": rtol, "steps": len(report), "near_tie_steps": near_ties,
+            "max_abs_error": worst}
 
 
 def build_manifest(model, dims, opts, max_context, io, states, weights, timings, validation,
