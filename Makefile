@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) cpp
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -29,6 +29,18 @@ demo: $(STAMP)
 	$(BIN)/pipo-export run $(DEMO)/export --ids 5,17,300,42,7 --max-steps 8 --json \
 		--temperature 1.0 --top-p 0.95 --top-k 20 --presence-penalty 1.5 --seed 1 --threshold 0.5
 	$(BIN)/pipo-export compare $(DEMO)/export --backends torch,onnxruntime,onnx-reference --steps 6
+
+# C++ runtime (runtimes/cpp) into build/cpp: ONNX Runtime headers from Debian's
+# libonnxruntime-dev .deb (fetched with apt, unpacked, not installed), the library from the
+# onnxruntime wheel in the venv; then CMake. Gives build/cpp/pipo-run and pipo-unit-tests.
+CPP_BUILD ?= build/cpp
+CMAKE     ?= $(shell command -v cmake 2>/dev/null || echo $(BIN)/cmake)
+.PHONY: cpp
+cpp: $(STAMP)
+	@test -x "$(CMAKE)" || $(BIN)/python -m pip install -q cmake
+	bash runtimes/cpp/fetch_ort_headers.sh $(CPP_BUILD)/ort $(BIN)/python
+	$(CMAKE) -S runtimes/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release -DORT_ROOT=$(abspath $(CPP_BUILD)/ort) >/dev/null
+	$(CMAKE) --build $(CPP_BUILD) -j2
 
 clean:
 	rm -rf $(VENV) build

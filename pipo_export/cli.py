@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("build", help="build TensorRT engines from a --target tensorrt export "
+                                     "(needs TensorRT and an NVIDIA GPU)")
+    p.add_argument("out")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: the export's dtype")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated); default: the export's max_context")
+    p.add_argument("--profiles", default="",
+                   help="context sizes in tokens where a new optimization profile starts, e.g. 512,4096")
+    p.add_argument("--timing-cache", default=None, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace existing engines")
+    p.add_argument("--verbose", action="store_true", help="show Polygraphy's and TensorRT's log")
+
     p = sub.add_parser("compare", help="run the same prompts and random numbers on several "
                                        "backends and compare them step by step")
     p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
@@ -169,6 +183,14 @@ def dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "check":
         from .check_cmd import run_check
         return run_check(ns.out, ns.json)
+    if ns.command == "build":
+        from .build_cmd import BuildOptions, run_build
+        from .trt_profiles import Precision, parse_profile_bounds
+        return run_build(BuildOptions(
+            folder=ns.out, precision=Precision(ns.precision) if ns.precision else None,
+            max_batch=ns.max_batch, max_context=ns.max_context,
+            profiles=parse_profile_bounds(ns.profiles), timing_cache=ns.timing_cache,
+            force=ns.force, verbose=ns.verbose))
     if ns.command == "compare":
         from .compare_cmd import CompareArgs, run_compare
         try:

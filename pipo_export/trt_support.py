@@ -1,5 +1,10 @@
 """TensorRT ONNX-parser operator table (onnx-tensorrt docs/operators.md, TensorRT 10.15) and a static lint.
 
+TensorRT 11: the per-operator rows are still the 10.15 table (no TensorRT 11 operators.md was available to
+transcribe). What the TensorRT 11 documentation states is added on top: the parser reads opsets up to 25 (NVIDIA's
+"ONNX Opset Guide" for 11.x; opset 25 support arrived in the 11.5 parser per the NVIDIA/TensorRT v11.5 release notes),
+and the 11.0 parser added `Swish`. Opset 25 and `Swish` are flagged as warnings because TensorRT 10.x cannot parse them.
+
 TensorRT 10 supports INT64 natively (the TensorRT <= 8.x int64->int32 cast-down note no longer applies); per the doc,
 DOUBLE is cast to FLOAT, UINT8 is allowed only for network I/O, INT8/INT4/FP8/FP4 only as quantized (Q/DQ) types.
 """
@@ -15,8 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 TRT_DOC_SOURCE = ("onnx/onnx-tensorrt docs/operators.md, TensorRT 10.15 revision ('TensorRT 10.15 supports "
                   "operators in the inclusive range of opset 9 to opset 24'); the same file is vendored in "
                   "NVIDIA/TensorRT as parsers/onnx/docs/operators.md")
+TRT11_DOC_SOURCE = ("docs.nvidia.com TensorRT 'ONNX Opset Guide' (TensorRT 11.x: maximum opset 25) and NVIDIA/TensorRT "
+                    "release notes v11.0 (parser: Swish) and v11.5 (parser: ONNX opset 25)")
 MIN_OPSET = 9
-MAX_OPSET = 24
+TRT10_MAX_OPSET = 24  # TensorRT 10.15 operators.md
+MAX_OPSET = 25  # TensorRT 11.x (11.5+) parser, NVIDIA ONNX Opset Guide
 TOPK_MAX_K = 3840
 
 
@@ -290,6 +298,8 @@ SUPPORTED_OPS.update({
                                _check_attrs),
     "TopK": OpSupport(F + I, "`sorted` must be 1. `K` input must be less than 3840.", _check_topk),
 })
+SUPPORTED_OPS["Swish"] = OpSupport(F, "TensorRT 11.0+ parser only (not in the TensorRT 10.15 table)",
+                                   lambda node, sc: [("warning", "Swish is parsed by TensorRT >= 11.0 only")])
 for _op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"):
     SUPPORTED_OPS[_op] = OpSupport(F, "`seed` value is ignored by TensorRT")
 for _op in ("L1 L2 LogSum LogSumExp Max Mean Min Prod Sum SumSquare").split():
@@ -376,7 +386,10 @@ def lint_model(model: onnx.ModelProto) -> list[LintIssue]:
     issues: list[LintIssue] = []
     for v in (imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")):
         if v > MAX_OPSET:
-            issues.append(LintIssue("", "", "model", f"ai.onnx opset {v} > {MAX_OPSET} (TensorRT 10.15 parser max)"))
+            issues.append(LintIssue("", "", "model", f"ai.onnx opset {v} > {MAX_OPSET} (TensorRT 11 parser max)"))
+        elif v > TRT10_MAX_OPSET:
+            issues.append(LintIssue("", "", "model", f"ai.onnx opset {v} needs TensorRT >= 11.5 (TensorRT 10.15 "
+                                                     f"parses up to {TRT10_MAX_OPSET})", "warning"))
         elif v < MIN_OPSET:
             issues.append(LintIssue("", "", "model", f"ai.onnx opset {v} < {MIN_OPSET} (parser minimum)", "warning"))
     try:  # type info for dtype/rank checks; fall back to declared value_info only

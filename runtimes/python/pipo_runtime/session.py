@@ -130,9 +130,10 @@ class PipoSession:
             engine = TorchEngine(source, manifest["export"]["mtp_context"],
                                  manifest["export"]["sample_cap"],
                                  manifest["export"].get("mode", "pipo"))
-        else:
-            raise PipoUserError(f"backend {backend.value} needs TensorRT engines "
-                                "(pipo-export build), not available in this version")
+        else:  # Backend.TENSORRT: engines.json + *.engine from `pipo-export build`
+            from .trt_engine import TrtEngine
+            engine = TrtEngine(folder, manifest)
+            manifest = engine.restrict(manifest)  # max_context the engines were built for
         return cls(folder, manifest, engine, load_tokenizer(folder))
 
     def _prompts(self, prompts) -> list[list[int]]:
