@@ -10,7 +10,6 @@ engines and no engines.json describing them.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata as md
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ from pipo_graphs.manifest import load_manifest, sha256_file
 
 from .trt_profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)
+from .versions import package_versions
 
 STAGES = 4
 
@@ -47,13 +47,7 @@ def _progress(i: int, text: str) -> float:
 
 
 def _versions(trt) -> dict:
-    out = {"tensorrt": trt.__version__}
-    for pkg in ("pipo-export", "polygraphy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return {"tensorrt": trt.__version__, **package_versions(("pipo-export", "polygraphy"))}
 
 
 def _progress_monitor(trt):

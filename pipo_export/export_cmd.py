@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata as md
 import shutil
 import sys
 import time
@@ -26,6 +25,7 @@ from .options import ExportOptions, Mode
 from .regular import step_class
 from .trace import symbolic_dims, trace_decode, trace_prefill
 from .validate import TOLERANCES, reference_step, validate_steps
+from .versions import package_versions
 from .weights import share_weights
 
 WEIGHTS_FILE = "weights.data"
@@ -39,13 +39,8 @@ def progress(i: int, text: str) -> float:
 
 
 def tool_versions() -> dict:
-    out = {}
-    for pkg in ("pipo-export", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("pipo-export", "torch", "transformers", "onnx", "onnxscript",
+                             "onnxruntime"))
 
 
 def kernels_for(target):
