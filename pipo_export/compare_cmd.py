@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import UNIFORMS
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.semantics import pack_prompts
 from pipo_runtime.backend import Backend
-from pipo_runtime.minimal import check_request, sampling_feeds
+from pipo_runtime.minimal import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
 
 EXACT = ("pair", "present.attention_mask", "present.position", "present.prompt_mask",
@@ -42,12 +40,9 @@ class CompareArgs:
 def record(session: PipoSession, prompts, args: CompareArgs) -> list[dict]:
     """Run `steps` steps free-running; every step's outputs as numpy."""
     check_request(session.manifest, prompts, args.steps)
-    ids, lengths = pack_prompts(prompts, session.pad_id)
     seqs = list(range(len(prompts)))
-    feeds = {"input_ids": ids, "lengths": lengths,
-             **sampling_feeds(args.sampling, args.threshold, len(prompts)),
-             UNIFORMS: step_uniforms(args.seed, seqs, 0)}
-    session.engine.prefill(feeds)
+    session.engine.prefill(prefill_feeds(prompts, session.pad_id, args.sampling, args.threshold,
+                                         args.seed, seqs))
     steps = [session.engine.outputs()]
     for step in range(1, args.steps):
         session.engine.decode(step_uniforms(args.seed, seqs, step))

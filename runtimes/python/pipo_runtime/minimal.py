@@ -17,6 +17,15 @@ def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray
     return {n: np.full((batch,), values[n], dtype=dt) for n, dt in SAMPLING_INPUTS}
 
 
+def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: float, seed: int,
+                  seqs: list[int]) -> dict[str, np.ndarray]:
+    """The prefill graph's inputs for a batch: input_ids [B, T even] (PAD-padded), lengths [B],
+    sampling inputs [B] and step-0 uniforms [B, 2] of sequences `seqs`."""
+    ids, lengths = pack_prompts(prompts, pad_id)
+    return {"input_ids": ids, "lengths": lengths, **sampling_feeds(sampling, threshold, len(ids)),
+            UNIFORMS: step_uniforms(seed, seqs, 0)}
+
+
 def check_request(manifest: dict, prompts: list[list[int]], max_steps: int) -> None:
     vocab, max_context = manifest["model"]["vocab_size"], manifest["model"]["max_context"]
     for p in prompts:
@@ -36,13 +45,12 @@ def generate_with(prefill: GraphRunner, decode: GraphRunner, manifest: dict,
     pad = manifest["model"]["pad_token_id"]
     check_request(manifest, prompts, max_steps)
     sampling.validate()
-    ids, lengths = pack_prompts(prompts, pad)
     seqs = [seq_offset + i for i in range(len(prompts))]
-    fixed = sampling_feeds(sampling, threshold, len(prompts))
+    feeds = prefill_feeds(prompts, pad, sampling, threshold, seed, seqs)
+    fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
     outs = [SequenceOutput() for _ in prompts]
     eos, stop = set(eos_ids), set(stop_ids)
-    result = prefill.infer({"input_ids": ids, "lengths": lengths, **fixed,
-                            UNIFORMS: step_uniforms(seed, seqs, 0)})
+    result = prefill.infer(feeds)
     for step in range(max_steps):
         if step:
             past = {PAST + k[len(PRESENT):]: v for k, v in result.items() if k.startswith(PRESENT)}

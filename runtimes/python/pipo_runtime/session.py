@@ -14,14 +14,14 @@ from typing import Iterator
 
 
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import DECODE, PREFILL, UNIFORMS
+from pipo_graphs.contract import DECODE, PREFILL
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import load_manifest
-from pipo_graphs.semantics import SequenceOutput, pack_prompts
+from pipo_graphs.semantics import SequenceOutput
 
 from .backend import Backend
 from .engines import Engine, OrtBindingEngine, RunnerEngine
-from .minimal import check_request, sampling_feeds
+from .minimal import check_request, prefill_feeds
 from .runners import OnnxReferenceRunner
 from .text import encode, load_tokenizer
 
@@ -152,16 +152,15 @@ class PipoSession:
         steps = config.steps()
         config.sampling.validate()
         check_request(self.manifest, prompts, steps)
-        ids, lengths = pack_prompts(prompts, self.pad_id)
         seqs = [config.seq_offset + i for i in range(len(prompts))]
-        fixed = sampling_feeds(config.sampling, config.threshold, len(prompts))
+        feeds = prefill_feeds(prompts, self.pad_id, config.sampling, config.threshold,
+                              config.seed, seqs)
         outs = [SequenceResult() for _ in prompts]
         texts = ["" for _ in prompts]
         stop_ids = set(config.stop_token_ids)
         result = GenerationResult(outs)
         start = time.perf_counter()
-        pair, conf = self.engine.prefill({"input_ids": ids, "lengths": lengths, **fixed,
-                                          UNIFORMS: step_uniforms(config.seed, seqs, 0)})
+        pair, conf = self.engine.prefill(feeds)
         result.ttft_s = time.perf_counter() - start
         for step in range(steps):
             if step:
