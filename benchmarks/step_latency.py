@@ -23,7 +23,7 @@ from pipo_export import load_checkpoint
 from pipo_export.forward import PipoStep
 from pipo_export.sampling import sampling_tensors
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import PAST, PRESENT
+from pipo_graphs.contract import present_to_past
 from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import pack_prompts
 from pipo_runtime.engines import OrtBindingEngine
@@ -43,7 +43,7 @@ def time_ort(folder: Path, ids, lengths, steps: int, threshold: float, threads: 
         per_step = []
         for s in range(1, steps):
             feeds = {"input_pair": out["pair"], **fixed, "uniforms": step_uniforms(0, [0], s),
-                     **{PAST + k[len(PRESENT):]: v for k, v in out.items() if k.startswith(PRESENT)}}
+                     **present_to_past(out)}
             t = time.perf_counter()
             out = dec.infer(feeds)
             per_step.append(time.perf_counter() - t)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS, present_to_past
 from pipo_runtime.runners import GraphRunner
 
 from .forward import PipoStep
@@ -122,8 +122,7 @@ def validate_steps(step: PipoStep, prefill: GraphRunner, decode: GraphRunner, pr
     report.append((0, _step_errors(prefill.infer(prefill_feeds), ref, calls, step, atol, rtol)))
     for i in range(1, decode_steps + 1):
         feeds = {"input_pair": ref["pair"], **sampling_feeds, UNIFORMS: uniforms(i),
-                 **{PAST + k[len(PRESENT):]: _graph_state(k, v, state_dtype)
-                    for k, v in ref.items() if k.startswith(PRESENT)}}
+                 **present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})}
         with SampleRecorder() as calls:
             ref = run_torch_decode(step, feeds)
         report.append((i, _step_errors(decode.infer(feeds), ref, calls, step, atol, rtol)))

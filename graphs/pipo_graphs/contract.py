@@ -35,6 +35,11 @@ DECODE = "decode_unfold"
 PAST = "past."
 PRESENT = "present."
 
+
+def present_to_past(outputs: dict) -> dict:
+    """A step's outputs -> the next decode step's state inputs: every present.X as past.X."""
+    return {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
+
 SAMPLING_INPUTS: tuple[tuple[str, str], ...] = (
     ("temperature", "float32"),
     ("top_k", "int64"),

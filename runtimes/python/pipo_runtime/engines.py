@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import SAMPLING_INPUTS, UNIFORMS, present_to_past
 
 from pipo_graphs.errors import PipoUserError
 
@@ -46,7 +46,8 @@ class RunnerEngine(Engine):
     """Any GraphRunner pair (numpy in, numpy out): onnx-reference, or ORT without binding."""
 
     def __init__(self, prefill: GraphRunner, decode: GraphRunner):
-        self.pre, self.dec = prefill.activate(), decode.activate()
+        self.pre = prefill if prefill.active else prefill.activate()
+        self.dec = decode if decode.active else decode.activate()
         self.name = prefill.name
 
     def prefill(self, feeds):
@@ -55,8 +56,8 @@ class RunnerEngine(Engine):
         return self.last["pair"], self.last["confidence"]
 
     def decode(self, uniforms):
-        past = {PAST + k[len(PRESENT):]: v for k, v in self.last.items() if k.startswith(PRESENT)}
-        self.last = self.dec.infer({"input_pair": self.last["pair"], **past, **self.fixed,
+        self.last = self.dec.infer({"input_pair": self.last["pair"], **present_to_past(self.last),
+                                    **self.fixed,
                                     UNIFORMS: uniforms})
         return self.last["pair"], self.last["confidence"]
 
@@ -116,9 +117,7 @@ class OrtBindingEngine(Engine):
 
     def decode(self, uniforms):
         self.uniforms.update_inplace(np.ascontiguousarray(uniforms, dtype=np.float32))
-        past = {PAST + k[len(PRESENT):]: v for k, v in self.values.items()
-                if k.startswith(PRESENT)}
-        inputs = {"input_pair": self.values["pair"], **past, **self.fixed,
+        inputs = {"input_pair": self.values["pair"], **present_to_past(self.values), **self.fixed,
                   UNIFORMS: self.uniforms}
         return self._run(self.dec, inputs, self.dec_out)
 

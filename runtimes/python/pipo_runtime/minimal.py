@@ -1,11 +1,11 @@
-"""A minimal generation loop over an export: prefill once, then decode step by step, feeding
-each step's present.* states back as past.*. (The full runtime adds IO binding and streaming.)"""
+"""Host-side pieces every runtime loop shares: request checks, the prefill feeds, and
+`generate_with`, generation over any two GraphRunners (numpy feeds, no IO binding)."""
 from __future__ import annotations
 
 import numpy as np
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import SAMPLING_INPUTS, UNIFORMS
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.semantics import SequenceOutput, pack_prompts
 
@@ -40,27 +40,13 @@ def check_request(manifest: dict, prompts: list[list[int]], max_steps: int) -> N
 
 def generate_with(prefill: GraphRunner, decode: GraphRunner, manifest: dict,
                   prompts: list[list[int]], max_steps: int, threshold: float, sampling, seed: int,
-                  eos_ids=(), stop_ids=(), seq_offset: int = 0) -> list[SequenceOutput]:
-    """Greedy or sampled generation with two active runners; one SequenceOutput per prompt."""
-    pad = manifest["model"]["pad_token_id"]
-    check_request(manifest, prompts, max_steps)
-    sampling.validate()
-    seqs = [seq_offset + i for i in range(len(prompts))]
-    feeds = prefill_feeds(prompts, pad, sampling, threshold, seed, seqs)
-    fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
-    outs = [SequenceOutput() for _ in prompts]
-    eos, stop = set(eos_ids), set(stop_ids)
-    result = prefill.infer(feeds)
-    for step in range(max_steps):
-        if step:
-            past = {PAST + k[len(PRESENT):]: v for k, v in result.items() if k.startswith(PRESENT)}
-            result = decode.infer({"input_pair": result["pair"], **past, **fixed,
-                                   UNIFORMS: step_uniforms(seed, seqs, step)})
-        for row, out in enumerate(outs):
-            if not out.done:
-                out.add_pair(result["pair"][row], result["confidence"][row], pad, eos, stop)
-        if all(o.done for o in outs):
-            break
-    for out in outs:
-        out.finish_reason = out.finish_reason or "length"
-    return outs
+                  stop_ids=(), seq_offset: int = 0) -> list[SequenceOutput]:
+    """Greedy or sampled generation over two runners (numpy feeds, no IO binding): PipoSession's
+    loop on a RunnerEngine. One SequenceOutput per prompt."""
+    from .engines import RunnerEngine
+    from .session import GenerationConfig, PipoSession
+
+    session = PipoSession(None, manifest, RunnerEngine(prefill, decode), tokenizer=None)
+    config = GenerationConfig(max_steps=max_steps, threshold=threshold, sampling=sampling,
+                              seed=seed, seq_offset=seq_offset, stop_token_ids=tuple(stop_ids))
+    return session.generate(prompts, config).sequences
