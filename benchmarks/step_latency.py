@@ -4,7 +4,7 @@
 
 Times prefill and every decode step separately (median over repeats, after one warm-up run),
 same prompt, greedy, tau = 0.5, on three paths:
-  ort-minimal   pipo_runtime.minimal's loop: numpy feeds and outputs every step (session.run)
+  ort-minimal   pipo_runtime.requests's loop: numpy feeds and outputs every step (session.run)
   pipo_runtime  PipoSession's ONNX Runtime engine: IO binding, states stay OrtValues
   torch         pipo_export's reference step functions (eager, float32)
 ms/token divides decode time by the user tokens those steps produced (1 or 2 per step).
@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from pipo_export import load_checkpoint
-from pipo_export.forward import PipoStep
-from pipo_export.sampling import sampling_tensors
+from pipo_export.model.steps import PipoStep
+from pipo_export.model.sampling import sampling_tensors
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import present_to_past
 from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import pack_prompts
-from pipo_runtime.engines import OrtBindingEngine
-from pipo_runtime.minimal import sampling_feeds
+from pipo_runtime.backends.base import OrtBindingEngine
+from pipo_runtime.requests import sampling_feeds
 from pipo_runtime.runners import OrtRunner
 
 

@@ -1,15 +1,19 @@
-"""pipo-export: deployment compiler for PIPO (Pair-In, Pair-Out) language models."""
-import logging as _logging
+"""pipo-export: deployment compiler for PIPO (Pair-In, Pair-Out) language models.
 
-# transformers announces its pure-torch fallbacks (causal_conv1d, fla) on first use; those
-# fallbacks are exactly the reference implementation we want, so keep user output clean.
-_logging.getLogger("transformers.integrations.hub_kernels").addFilter(
-    lambda record: "falling back to its reference" not in record.getMessage())
+Importing the package is cheap and needs no torch: the torch side (`pipo_export.model`,
+`pipo_export.export`) loads on first use, so `check` and `build` run where torch is absent.
+"""
+import importlib as _importlib
 
-from .checkpoint import load_checkpoint  # noqa: E402
-from .config import CompressorType, PipoConfig  # noqa: E402
-from .errors import CheckpointError, ExportError, PipoError  # noqa: E402
-from .model import PipoModel  # noqa: E402
+_LAZY = {"load_checkpoint": "pipo_export.model.checkpoint", "PipoModel": "pipo_export.model.modules",
+         "PipoConfig": "pipo_export.model.config", "CompressorType": "pipo_export.model.config",
+         "PipoError": "pipo_export.errors", "CheckpointError": "pipo_export.errors",
+         "ExportError": "pipo_export.errors"}
 
-__all__ = ["load_checkpoint", "PipoModel", "PipoConfig", "CompressorType", "PipoError",
-           "CheckpointError", "ExportError"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pipo_export' has no attribute {name!r}")
+    return getattr(_importlib.import_module(_LAZY[name]), name)

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import PipoError
+from pipo_export.errors import PipoError
 
 
 @contextlib.contextmanager

@@ -44,8 +44,9 @@ def run_json(*args: str) -> dict:
 
 
 def _export(tmp_path_factory, name, checkpoint, **kw):
-    from pipo_export.export_cmd import export
-    from pipo_export.options import ExportOptions, Target
+    from pipo_export.export.pipeline import export
+    from pipo_export.export.options import ExportOptions
+    from pipo_graphs.contract import Target
     out = tmp_path_factory.mktemp("exports") / name
     export(ExportOptions(checkpoint=str(checkpoint), out=str(out),
                          target=Target(kw.pop("target", "onnxruntime")), **kw))
@@ -67,13 +68,13 @@ def trt_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def regular_export(tmp_path_factory):
     """pipo-tiny-ref's backbone as a plain causal LM (`export --mode regular`)."""
-    from pipo_export.options import Mode
+    from pipo_graphs.contract import Mode
     return _export(tmp_path_factory, "ref-regular", TINY_REF, mode=Mode.REGULAR)
 
 
 @pytest.fixture(scope="session")
 def layout_checkpoint(tmp_path_factory):
-    from pipo_export.testing import TinyLayout, write_tiny_checkpoint
+    from pipo_export.model.synthetic import TinyLayout, write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "mm-linear-untied",
                                  TinyLayout(multimodal=True, shards=2, tied=False,
                                             compressor="linear"), seed=3)

@@ -26,6 +26,7 @@ inside a state. States (P = cached pair positions, grows by one per decode step)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from .errors import PipoUserError
 
@@ -34,6 +35,20 @@ PREFILL = "prefill_compress"
 DECODE = "decode_unfold"
 PAST = "past."
 PRESENT = "present."
+
+
+class Mode(str, Enum):
+    """What an export's graphs compute."""
+
+    PIPO = "pipo"  # pair in, pair out (the model)
+    REGULAR = "regular"  # the backbone as a plain causal LM, one token per step (baseline)
+
+
+class Target(str, Enum):
+    """Which runtime an export's graphs are lowered for."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
 
 
 def present_to_past(outputs: dict) -> dict:
@@ -52,6 +67,7 @@ SAMPLING_INPUTS: tuple[tuple[str, str], ...] = (
 UNIFORMS = "uniforms"
 PAIR = "pair"
 CONFIDENCE = "confidence"
+DEFAULT_SAMPLE_CAP = 1024  # candidates the in-graph sampler keeps (TopK); greedy sees the full vocab
 SKIPPED_CONFIDENCE = -1.0  # confidence reported when tau >= 1 and the confidence head did not run
 
 

@@ -7,8 +7,8 @@
 from pipo_graphs import SamplingParams
 from pipo_graphs.errors import PipoUserError
 
-from .backend import Backend
-from .session import GenerationConfig, GenerationResult, PipoSession, SequenceResult, StreamEvent
+from pipo_runtime.backend import Backend
+from pipo_runtime.session import GenerationConfig, GenerationResult, PipoSession, SequenceResult, StreamEvent
 
 __all__ = ["Backend", "GenerationConfig", "GenerationResult", "PipoSession", "PipoUserError",
            "SamplingParams", "SequenceResult", "StreamEvent"]

@@ -19,11 +19,11 @@ from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import load_manifest
 from pipo_graphs.semantics import SequenceOutput
 
-from .backend import Backend
-from .engines import Engine, OrtBindingEngine, RunnerEngine
-from .minimal import check_request, prefill_feeds
-from .runners import OnnxReferenceRunner
-from .text import encode, load_tokenizer
+from pipo_runtime.backend import Backend
+from pipo_runtime.backends.base import Engine, OrtBindingEngine, RunnerEngine
+from pipo_runtime.requests import check_request, prefill_feeds
+from pipo_runtime.runners import OnnxReferenceRunner
+from pipo_runtime.text import encode, load_tokenizer
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -123,7 +123,7 @@ class PipoSession:
                 raise PipoUserError(f"the torch backend needs the export's source checkpoint "
                                     f"({source} not found); pass its folder")
             try:  # the compiler package; never imported for the other backends
-                TorchEngine = importlib.import_module("pipo_export.torch_engine").TorchEngine
+                TorchEngine = importlib.import_module("pipo_export.model.torch_backend").TorchEngine
             except ImportError as exc:
                 raise PipoUserError(f"the torch backend needs torch and pipo-export installed "
                                     f"({exc}); use --backend onnxruntime") from None
@@ -131,7 +131,7 @@ class PipoSession:
                                  manifest["export"]["sample_cap"],
                                  manifest["export"].get("mode", "pipo"))
         else:  # Backend.TENSORRT: engines.json + *.engine from `pipo-export build`
-            from .trt_engine import TrtEngine
+            from pipo_runtime.backends.tensorrt import TrtEngine
             engine = TrtEngine(folder, manifest)
             manifest = engine.restrict(manifest)  # max_context the engines were built for
         return cls(folder, manifest, engine, load_tokenizer(folder))

@@ -1,0 +1,119 @@
+"""Measurements behind `pipo-export bench`: latency through pipo_runtime and transformers eager,
+bytes moved per decode step, and the machine's memory bandwidth."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipo_runtime import GenerationConfig, PipoSession
+
+from pipo_export.export.io_spec import model_dims
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bool": 1, "int64": 8}
+
+
+@dataclass
+class Latency:
+    """One method at one context: per-repeat TTFT and time per output token (ms)."""
+
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    commit_rate: float | None = None
+
+    def summary(self) -> dict:
+        def stat(xs):
+            return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+        return {"ttft_ms": stat(self.ttft_ms), "tpot_ms": stat(self.tpot_ms),
+                "ms_per_step": stat(self.step_ms), "commit_rate": self.commit_rate}
+
+
+def run_session(session: PipoSession, prompt: list[int], new_tokens: int, threshold: float,
+                into: Latency) -> None:
+    """Greedy generation of `new_tokens` user tokens. TTFT = prefill (the first pair or token);
+    TPOT = decode time / tokens emitted after the prefill."""
+    r = session.generate([prompt], GenerationConfig(max_new_tokens=new_tokens,
+                                                    threshold=threshold))
+    seq = r.sequences[0]
+    into.ttft_ms.append(r.ttft_s * 1e3)
+    into.tpot_ms.append(r.ms_per_token)
+    into.step_ms.append(r.ms_per_step)
+    into.commit_rate = seq.commit_rate
+
+
+def run_hf(hf, prompt: list[int], new_tokens: int, into: Latency) -> None:
+    """transformers eager `generate` (greedy, its own cache). A stopping criterion timestamps
+    every generated token: TTFT = first token - start, TPOT = (last - first) / (N - 1)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    clock = Clock()
+    with torch.no_grad():
+        start = time.perf_counter()
+        hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+    into.ttft_ms.append((clock.times[0] - start) * 1e3)
+    into.tpot_ms.append((clock.times[-1] - clock.times[0]) * 1e3 / (len(clock.times) - 1))
+    into.step_ms.append(into.tpot_ms[-1])
+
+
+def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """Best large-copy bandwidth (bytes read + written per second, GB/s) with numpy."""
+    src = np.ones(mib * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
+def _numel(shape, slots: int, batch: int = 1) -> int:
+    n = 1
+    for d in shape:
+        n *= batch if d == "batch" else slots if isinstance(d, str) else d
+    return n
+
+
+def decode_bytes(model, manifest: dict, past_slots: int) -> dict:
+    """Bytes a decode step must read at least, by part (batch 1): every weight it multiplies
+    with, the lm_head once per sampled token, and every cache/state it reads (attention caches
+    over past_slots slots; Gated DeltaNet states are read and written).
+
+    model: the PipoModel; manifest: its export's manifest (mode, states, dtype)."""
+    width = BYTES[manifest["export"]["dtype"]]
+    pipo = manifest["export"].get("mode", "pipo") == "pipo"
+    dims = model_dims(model)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    lm_head = dims.vocab_size * dims.hidden_size * width
+    parts = {"backbone_layers": n(model.model.layers) * width,
+             "lm_head": lm_head * (2 if pipo else 1)}
+    if pipo:
+        parts["pipo_heads"] = (n(model.compressor) + n(model.mtp)
+                               + n(model.confidence_head)) * width
+    cache = 0
+    for s in manifest["states"]:
+        size = _numel(s["shape"], past_slots) * BYTES[s["dtype"]]
+        if s["kind"] in ("conv_window", "recurrent"):
+            size *= 2  # read and written back
+        cache += size if s["kind"] not in ("prompt_mask", "output_mask") else 0
+    parts["caches_and_states"] = cache
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def cache_bytes(manifest: dict, slots: int) -> int:
+    """Bytes of every state at `slots` cache slots (batch 1): the memory a context costs."""
+    return sum(_numel(s["shape"], slots) * BYTES[s["dtype"]] for s in manifest["states"])

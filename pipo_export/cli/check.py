@@ -1,0 +1,22 @@
+"""`pipo-export check OUT`: verify an export folder without running it (no torch)."""
+from __future__ import annotations
+
+import json
+
+from pipo_export.onnx.check import check_export
+
+
+def run_check(folder: str, as_json: bool = False) -> int:
+    report = check_export(folder)
+    if as_json:
+        print(json.dumps({"ok": report.ok, "checks": [
+            {"check": n, "ok": ok, "detail": d} for n, ok, d in report.checks]}, indent=2))
+    else:
+        for name, ok, detail in report.checks:
+            print(f"{'PASS' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else ""))
+        print("export OK" if report.ok else f"{folder}: check FAILED")
+    return 0 if report.ok else 1
+
+
+def command(ns) -> int:
+    return run_check(ns.out, ns.json)

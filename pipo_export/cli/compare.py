@@ -1,0 +1,182 @@
+"""`pipo-export compare SOURCE --backends torch,onnxruntime,onnx-reference`: the same prompts and
+random numbers through every backend, compared step by step with Polygraphy's Comparator."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipo_graphs import SamplingParams, step_uniforms
+from pipo_graphs.errors import PipoUserError
+from pipo_runtime.backend import Backend
+from pipo_runtime.requests import check_request, prefill_feeds
+from pipo_runtime.session import PipoSession
+
+EXACT = ("pair", "present.attention_mask", "present.position", "present.prompt_mask",
+         "present.output_mask")
+DEFAULT_PROMPTS = ([5, 17, 300], list(range(40, 51)), list(range(7, 140)))
+
+
+@dataclass
+class CompareArgs:
+    source: str
+    backends: list[Backend]
+    steps: int = 8
+    threshold: float = 0.5
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        temperature=1.0, top_p=0.95, top_k=20, presence_penalty=1.5))
+    seed: int = 0
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    prompts: list[list[int]] = field(default_factory=list)
+    json: bool = False
+    verbose: bool = False
+
+
+def record(session: PipoSession, prompts, args: CompareArgs) -> list[dict]:
+    """Run `steps` steps free-running; every step's outputs as numpy."""
+    check_request(session.manifest, prompts, args.steps)
+    seqs = list(range(len(prompts)))
+    session.engine.prefill(prefill_feeds(prompts, session.pad_id, args.sampling, args.threshold,
+                                         args.seed, seqs))
+    steps = [session.engine.outputs()]
+    for step in range(1, args.steps):
+        session.engine.decode(step_uniforms(args.seed, seqs, step))
+        steps.append(session.engine.outputs())
+    return steps
+
+
+def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> dict:
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.INFO if args.verbose else G_LOGGER.CRITICAL
+    prompts = args.prompts or [list(p) for p in DEFAULT_PROMPTS]
+    runs = {}
+    pad = None
+    for backend in args.backends:
+        print(f"running {backend.value} ...", file=sys.stderr, flush=True)
+        session = PipoSession.load(folder, backend=backend, checkpoint=checkpoint)
+        runs[backend.value] = record(session, prompts, args)
+        pad = session.pad_id
+        session.close()
+    ref_name = args.backends[0].value
+    atol = scaled_atol(runs[ref_name], args.atol)
+    exact = {name: 0.0 for name in EXACT}
+    compare_func = SimpleCompareFunc(atol={**atol, **exact}, rtol={"": args.rtol, **exact},
+                                     check_shapes=True)
+    report = {"reference": ref_name, "prompts": len(prompts), "steps": args.steps,
+              "atol": args.atol, "rtol": args.rtol, "atol_per_output": atol, "backends": {}}
+    for name, steps in runs.items():
+        if name == ref_name:
+            continue
+        ref_steps = runs[ref_name]
+        diverged = next((i for i, (a, b) in enumerate(zip(ref_steps, steps))
+                         if not np.array_equal(a["pair"], b["pair"])), None)
+        upto = len(steps) if diverged is None else diverged + 1
+        results = RunResults()
+        for run_name, data in ((ref_name, ref_steps[:upto]), (name, steps[:upto])):
+            common = [{k: np.ascontiguousarray(v) for k, v in s.items()
+                       if k in ref_steps[0] and k in steps[0]}
+                      for s in data]
+            results.append((run_name, [IterationResult(outputs=o, runner_name=run_name)
+                                       for o in common]))
+        with np.errstate(divide="ignore", invalid="ignore"):  # relative error of exact zeros
+            accuracy = Comparator.compare_accuracy(results, compare_func=compare_func)
+        per_step = []
+        iterations = accuracy[0][(ref_name, name)]  # one AccuracyResult per compare function
+        for i, iteration in enumerate(iterations):
+            conf = iteration["confidence"]
+            states = [r for k, r in iteration.items() if k.startswith("present.")]
+            per_step.append({
+                "step": i, "tokens_agree": bool(np.array_equal(ref_steps[i]["pair"],
+                                                               steps[i]["pair"])),
+                "confidence_max_abs": float(conf.max_absdiff),
+                "confidence_max_rel": float(conf.max_reldiff),
+                "states_max_abs": float(max((float(r.max_absdiff) for r in states), default=0)),
+                "passed": all(bool(r) for r in iteration.values())})
+        report["backends"][name] = {
+            "passed": all(s["passed"] for s in per_step) and diverged is None,
+            "first_diverging_step": diverged,
+            "steps": per_step,
+            "commit_rate": _commit_rate(steps, pad), "reference_commit_rate":
+                _commit_rate(ref_steps, pad)}
+    report["passed"] = all(b["passed"] for b in report["backends"].values())
+    return report
+
+
+def scaled_atol(ref_steps: list[dict], atol: float) -> dict[str, float]:
+    """Per-output absolute tolerance: atol x max(1, largest |reference value| over all steps),
+    as in export validation: float32 error grows with a tensor's magnitude (attention keys)."""
+    scale = {}
+    for outputs in ref_steps:
+        for name, value in outputs.items():
+            if value.dtype.kind == "f" and value.size:
+                scale[name] = max(scale.get(name, 1.0), float(np.abs(value).max()))
+    return {"": atol, **{name: atol * s for name, s in scale.items()}}
+
+
+def _commit_rate(steps: list[dict], pad: int) -> float:
+    kept = [s["pair"][:, 1] != pad for s in steps]
+    return float(np.mean(np.concatenate(kept))) if kept else 0.0
+
+
+def print_report(report: dict) -> None:
+    print(f"reference: {report['reference']} | {report['prompts']} prompts, {report['steps']} steps"
+          f" | atol {report['atol']} x max(1, max|reference|) per output, rtol {report['rtol']}"
+          " (tokens, masks, positions exact)")
+    print(f"{'backend':15s} {'step':>4s} {'tokens':>7s} {'conf abs':>10s} {'conf rel':>10s} "
+          f"{'states abs':>11s}  result")
+    for name, b in report["backends"].items():
+        for s in b["steps"]:
+            print(f"{name:15s} {s['step']:4d} {'agree' if s['tokens_agree'] else 'DIFFER':>7s} "
+                  f"{s['confidence_max_abs']:10.2e} {s['confidence_max_rel']:10.2e} "
+                  f"{s['states_max_abs']:11.2e}  {'PASS' if s['passed'] else 'FAIL'}")
+        div = b["first_diverging_step"]
+        print(f"{name:15s} tokens {'agree on every step' if div is None else f'diverge at step {div}'}"
+              f"; commit rate {b['commit_rate']:.2f} (reference {b['reference_commit_rate']:.2f})"
+              f"; {'PASS' if b['passed'] else 'FAIL'}")
+    print("compare PASSED" if report["passed"] else "compare FAILED")
+
+
+def run_compare(args: CompareArgs) -> int:
+    """SOURCE is an export folder, or a checkpoint that is exported to a temporary folder."""
+    source = Path(args.source)
+    if not source.is_dir():
+        raise PipoUserError(f"{source}: no such folder (give an export or a checkpoint folder)")
+    if len(args.backends) < 2:
+        raise PipoUserError("compare needs at least two backends, e.g. --backends torch,onnxruntime")
+    if (source / "manifest.json").is_file():
+        report = compare(source, args)
+    else:
+        from pipo_export.export.pipeline import export
+        from pipo_export.export.options import ExportOptions
+        with tempfile.TemporaryDirectory(prefix="pipo-compare-") as tmp:
+            print(f"{source} is a checkpoint: exporting it first", file=sys.stderr)
+            export(ExportOptions(checkpoint=str(source), out=str(Path(tmp) / "export")))
+            report = compare(Path(tmp) / "export", args, checkpoint=str(source))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report["passed"] else 1
+
+
+def command(ns) -> int:
+    from pipo_export.cli.parser import sampling_from
+    try:
+        backends = [Backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
+    except ValueError as exc:
+        raise PipoUserError(f"unknown backend in --backends: {exc}; choose from "
+                            f"{', '.join(b.value for b in Backend)}") from None
+    sampling = sampling_from(ns)
+    sampling.validate()
+    return run_compare(CompareArgs(source=ns.source, backends=backends, steps=ns.steps,
+                                   threshold=ns.threshold, sampling=sampling, seed=ns.seed,
+                                   atol=ns.atol, rtol=ns.rtol, prompts=ns.ids, json=ns.json,
+                                   verbose=ns.verbose))

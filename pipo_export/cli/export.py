@@ -1,0 +1,17 @@
+"""`pipo-export export CKPT -o OUT`: compile a checkpoint into the two ONNX graphs."""
+from __future__ import annotations
+
+from pipo_graphs.contract import Mode, Target
+from pipo_graphs.dtypes import DType
+
+from pipo_export.export.options import ExportOptions
+
+
+def command(ns) -> int:
+    from pipo_export.export.pipeline import export
+
+    export(ExportOptions(checkpoint=ns.checkpoint, out=ns.out, target=Target(ns.target),
+                         dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
+                         opset=ns.opset, sample_cap=ns.sample_cap, mtp_context=ns.mtp_context,
+                         validate=not ns.no_validate, mode=Mode(ns.mode)))
+    return 0

@@ -1,0 +1,166 @@
+"""The `pipo-export` argument parser. Flag defaults come from the options dataclasses they fill,
+so each default is written once. Importing this module needs no torch."""
+from __future__ import annotations
+
+import argparse
+
+from pipo_graphs import SamplingParams
+from pipo_graphs.contract import Mode, Target
+from pipo_graphs.dtypes import DType
+from pipo_runtime.backend import Backend
+
+from pipo_export.export.options import ExportOptions
+
+DTYPES = tuple(d.value for d in DType)
+EXPORT_DEFAULTS = ExportOptions(checkpoint="", out="")
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids takes comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--ids needs at least one token id")
+    return ids
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Prompt, steps, gate and sampling flags shared by run and compare."""
+    p.add_argument("--ids", type=_ids, action="append", default=[],
+                   help="prompt token ids, e.g. 5,17,300 (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt text (needs tokenizer.json in the folder; repeat for a batch)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="prefill + decode steps; each emits one pair (default 16 unless "
+                        "--max-new-tokens is given)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="stop after this many user tokens (export folders)")
+    p.add_argument("--stop-token-ids", type=_ids, default=(),
+                   help="comma-separated ids that end a sequence, like EOS")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string: text is cut before it (export with a tokenizer; repeatable)")
+    p.add_argument("--threshold", type=float, default=-1.0,
+                   help="confidence gate tau: <0 always keep token2, >=1 never (default -1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full",
+                   help="decode-step MTP attention: full causal context (PIPO_SPEC) or cache slot 0 "
+                        "only (reproduces pipo-tiny-ref's expected.npz); torch backend")
+
+
+def sampling_from(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                          min_p=ns.min_p, presence_penalty=ns.presence_penalty,
+                          repetition_penalty=ns.repetition_penalty)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipo-export", description="Deployment compiler for PIPO (Pair-In, Pair-Out) language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show what a PIPO checkpoint folder holds")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tiny", help="write a built-in PIPO checkpoint with random weights")
+    p.add_argument("out")
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny",
+                   help="tiny: hidden 64, 4 layers; small: hidden 256, 8 layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+
+    p = sub.add_parser("export", help="compile a checkpoint into prefill/decode ONNX graphs")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--out", required=True, help="export folder to write")
+    p.add_argument("--target", choices=[t.value for t in Target],
+                   default=EXPORT_DEFAULTS.target.value)
+    p.add_argument("--dtype", choices=DTYPES, default=EXPORT_DEFAULTS.dtype.value)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated) the export accepts; default: the config's "
+                        "max_position_embeddings")
+    p.add_argument("--opset", type=int, default=EXPORT_DEFAULTS.opset)
+    p.add_argument("--sample-cap", type=int, default=EXPORT_DEFAULTS.sample_cap,
+                   help=f"top candidates the in-graph sampler draws from (default "
+                        f"{EXPORT_DEFAULTS.sample_cap})")
+    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=EXPORT_DEFAULTS.mode.value,
+                   help="regular: the backbone alone as a plain causal LM, one token per step "
+                        "(the baseline `bench` compares PIPO against)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the ONNX Runtime vs torch check at the end of the export")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+
+    p = sub.add_parser("check", help="verify an export folder (checker, checksums, dims, lint)")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("build", help="build TensorRT engines from a --target tensorrt export "
+                                     "(needs TensorRT and an NVIDIA GPU)")
+    p.add_argument("out")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: the export's dtype")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated); default: the export's max_context")
+    p.add_argument("--profiles", default="",
+                   help="context sizes in tokens where a new optimization profile starts, e.g. 512,4096")
+    p.add_argument("--timing-cache", default=None, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace existing engines")
+    p.add_argument("--verbose", action="store_true", help="show Polygraphy's and TensorRT's log")
+
+    p = sub.add_parser("compare", help="run the same prompts and random numbers on several "
+                                       "backends and compare them step by step")
+    p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
+    p.add_argument("--backends", default="torch,onnxruntime,onnx-reference")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--ids", type=_ids, action="append", default=[],
+                   help="prompt ids (repeat for a batch); default: three built-in prompts")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=1.5)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
+
+    p = sub.add_parser("bench", help="benchmark PIPO against regular decoding and transformers "
+                                     "eager on a built-in shape (random weights)")
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers")
+    p.add_argument("--contexts", type=_ids, default=[1024, 4096],
+                   help="prompt lengths in tokens, comma-separated (default 1024,4096)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up")
+    p.add_argument("--threshold", type=float, default=0.5, help="tau of the gated PIPO run")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--workdir", default="build/bench",
+                   help="where checkpoints and exports are written and reused")
+    p.add_argument("--rebuild", action="store_true", help="export again even if present")
+    p.add_argument("--json", dest="json_file", default=None, metavar="FILE")
+    p.add_argument("--plot", dest="plot_file", default=None, metavar="FILE.png")
+
+    p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
+    p.add_argument("source", help="checkpoint folder or export folder")
+    p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
+                   help="default: torch for a checkpoint, onnxruntime for an export")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--providers", default="cpu",
+                   help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    add_generation_flags(p)
+    return parser
+
+

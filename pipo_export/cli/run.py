@@ -1,0 +1,141 @@
+"""`pipo-export run SOURCE`: generate with one backend and print pairs, tokens, text."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipo_graphs import SamplingParams
+from pipo_runtime.backend import Backend
+from pipo_runtime.text import encode, load_tokenizer, result_dict
+
+from pipo_export.errors import PipoError
+
+
+@dataclass
+class RunArgs:
+    source: str
+    backend: Backend | None = None  # None: torch for a checkpoint, onnxruntime for an export
+    ids: list[list[int]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    max_steps: int | None = 16
+    max_new_tokens: int | None = None
+    threshold: float = -1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    mtp_context: str = "full"
+    dtype: str = "float32"
+    json: bool = False
+    stream: bool = False
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    threads: int = 0
+
+
+def _is_export(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def generate_torch(args: RunArgs) -> list[dict]:
+    """Reference decoder on a checkpoint folder."""
+    import torch
+
+    from pipo_export.model.checkpoint import load_checkpoint
+    from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
+    from pipo_export.model.steps import MtpContext
+
+    if args.max_new_tokens is not None or args.stop_strings:
+        raise PipoError("--max-new-tokens and --stop run on an export folder (pipo_runtime); "
+                        "on a checkpoint use --max-steps and --stop-token-ids")
+    tokenizer = load_tokenizer(args.source)
+    prompts = list(args.ids) + [encode(tokenizer, text, args.source) for text in args.prompts]
+    model = load_checkpoint(args.source, dtype=getattr(torch, args.dtype))
+    dec = ReferenceDecoder(model, mtp_context=MtpContext(args.mtp_context))
+    opts = GenerateOptions(max_steps=args.max_steps, threshold=args.threshold,
+                           sampling=args.sampling, seed=args.seed,
+                           eos_token_ids=tuple(model.config.eos_token_ids),
+                           stop_token_ids=tuple(args.stop_token_ids))
+    return [result_dict(o, tokenizer) for o in dec.generate(prompts, opts)]
+
+
+def generate_session(args: RunArgs, backend: Backend) -> list[dict]:
+    """pipo_runtime on an export folder; prints tokens (or text) as they come with --stream."""
+    from pipo_runtime.session import GenerationConfig, PipoSession
+
+    session = PipoSession.load(args.source, backend=backend, providers=args.providers,
+                               threads=args.threads)
+    config = GenerationConfig(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+                              threshold=args.threshold, sampling=args.sampling, seed=args.seed,
+                              stop_token_ids=tuple(args.stop_token_ids),
+                              stop_strings=tuple(args.stop_strings))
+    prompts = list(args.ids) + list(args.prompts)
+    show = args.stream and not args.json
+    as_text = session.tokenizer is not None
+    try:
+        for event in session.stream(prompts, config):
+            piece = event.text if as_text else " ".join(map(str, event.tokens)) + " "
+            if show and piece and len(prompts) > 1:
+                print(f"[{event.row}] {piece}", flush=True)
+            elif show and piece:
+                print(piece, end="", flush=True)
+        if show and len(prompts) == 1:
+            print()
+    finally:
+        session.close()
+    r = session.last_result
+    timings = {"ttft_ms": round(r.ttft_s * 1e3, 3), "ms_per_step": round(r.ms_per_step, 3),
+               "ms_per_token": round(r.ms_per_token, 3), "steps": r.steps}
+    results = []
+    for seq in r.sequences:
+        d = result_dict(seq)
+        if seq.text is not None:
+            d["text"] = seq.text
+        results.append(dict(d, timings=timings))
+    return results
+
+
+def run(args: RunArgs) -> int:
+    folder = Path(args.source)
+    if not folder.is_dir():
+        raise PipoError(f"{folder}: no such folder (give a checkpoint or an export folder)")
+    if not args.ids and not args.prompts:
+        raise PipoError("no prompt: pass --ids 5,17,300 or --prompt TEXT")
+    backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
+    if _is_export(folder):
+        results = generate_session(args, backend)
+    elif backend == Backend.TORCH:
+        results = generate_torch(args)
+    else:
+        raise PipoError(f"{folder} has no manifest.json; backend {backend.value} runs an "
+                        "export folder (pipo-export export CKPT -o OUT)")
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}), flush=True)
+        return 0
+    for i, r in enumerate(results):
+        head = f"[{i}] " if len(results) > 1 else ""
+        print(f"{head}tokens: {r['tokens']}")
+        if "text" in r:
+            print(f"{head}text: {r['text']!r}")
+        print(f"{head}pairs: {r['pairs']}  commit rate {r['commit_rate']:.2f}  "
+              f"finish: {r['finish_reason']}")
+        if "timings" in r and i == len(results) - 1:
+            t = r["timings"]
+            print(f"{backend.value}: time to first pair {t['ttft_ms']:.1f} ms, "
+                  f"{t['ms_per_step']:.2f} ms/step, {t['ms_per_token']:.2f} ms/token")
+    return 0
+
+
+def command(ns) -> int:
+    from pipo_export.cli.parser import sampling_from
+    sampling = sampling_from(ns)
+    sampling.validate()
+    max_steps = ns.max_steps
+    if max_steps is None and ns.max_new_tokens is None:
+        max_steps = 16
+    return run(RunArgs(source=ns.source, backend=Backend(ns.backend) if ns.backend else None,
+                       ids=ns.ids, prompts=ns.prompt, max_steps=max_steps,
+                       max_new_tokens=ns.max_new_tokens, stop_token_ids=tuple(ns.stop_token_ids),
+                       stop_strings=tuple(ns.stop), threshold=ns.threshold, sampling=sampling,
+                       seed=ns.seed, mtp_context=ns.mtp_context, dtype=ns.dtype, json=ns.json,
+                       stream=ns.stream, providers=ns.providers.split(","), threads=ns.threads))

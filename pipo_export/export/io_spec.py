@@ -1,0 +1,81 @@
+"""Declarative I/O of the two graphs (optimum style): names, dtypes, symbolic dims.
+
+Built from the contract in pipo_graphs; the tracer, the manifest and `check` all read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipo_graphs.contract import (CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS,
+                                  UNIFORMS, ModelDims, StateSpec, state_specs)
+
+from pipo_export.model.modules import PipoModel
+
+DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # ints, or symbolic dim names
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def model_dims(model: PipoModel) -> ModelDims:
+    t = model.config.text
+    gdn = next((l.linear_attn for l in model.model.layers if l.block_type == "linear_attention"),
+               None)
+    return ModelDims(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                     layer_types=list(t.layer_types), num_key_value_heads=t.num_key_value_heads,
+                     head_dim=t.head_dim, conv_dim=gdn.conv_dim if gdn else 0,
+                     conv_kernel=t.linear_conv_kernel_dim,
+                     linear_num_value_heads=t.linear_num_value_heads,
+                     linear_key_head_dim=t.linear_key_head_dim,
+                     linear_value_head_dim=t.linear_value_head_dim)
+
+
+def _sampling() -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(n, dt, ("batch",)) for n, dt in SAMPLING_INPUTS) + (
+        TensorSpec(UNIFORMS, "float32", ("batch", 2)),)
+
+
+def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
+                ) -> tuple[GraphSpec, GraphSpec, list[StateSpec]]:
+    """-> (prefill spec, decode spec, states). Prefill outputs hold P = prompt_pairs slots
+    (PIPO) or 2*prompt_pairs slots (regular decoding, mtp=False: one token per slot)."""
+    states = state_specs(dims, DTYPE_NAMES[dtype], mtp)
+    slots = "prompt_pairs" if mtp else "2*prompt_pairs"
+    head = (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
+
+    def with_dim(shape, old, new):
+        return tuple(new if d == old else d for d in shape)
+
+    prefill = GraphSpec(
+        PREFILL,
+        (TensorSpec("input_ids", "int64", ("batch", "prompt_tokens")),
+         TensorSpec("lengths", "int64", ("batch",))) + _sampling(),
+        head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs", slots))
+                     for s in states))
+    decode = GraphSpec(
+        DECODE,
+        (TensorSpec("input_pair", "int64", ("batch", 2)),)
+        + tuple(TensorSpec(PAST + s.name, s.dtype, s.shape) for s in states) + _sampling(),
+        head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs",
+                                                                     "past_pairs + 1"))
+                     for s in states))
+    return prefill, decode, states

@@ -1,0 +1,25 @@
+"""Typed options of `pipo-export export` (built once from argparse; the CLI reads its defaults
+from here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipo_graphs.contract import DEFAULT_SAMPLE_CAP, Mode, Target
+from pipo_graphs.dtypes import DType
+
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str
+    out: str
+    target: Target = Target.ONNXRUNTIME
+    dtype: DType = DType.FLOAT32
+    max_context: int | None = None  # tokens; default: the config's max_position_embeddings
+    force: bool = False
+    opset: int = DEFAULT_OPSET
+    sample_cap: int = DEFAULT_SAMPLE_CAP
+    mtp_context: str = "full"
+    validate: bool = True
+    mode: Mode = Mode.PIPO

@@ -1,0 +1,65 @@
+"""In-graph token sampling (traceable torch): the definition every backend reproduces.
+
+All inputs are per row, so one export serves every setting. See pipo_graphs.SamplingParams
+for the order of operations.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipo_graphs.contract import DEFAULT_SAMPLE_CAP, SAMPLING_INPUTS  # noqa: F401 (re-exported)
+
+
+def sampling_tensors(params, batch: int, threshold: float) -> dict[str, torch.Tensor]:
+    """SamplingParams + threshold -> the sampling graph inputs, each [B]."""
+    values = dict(vars(params), threshold=threshold)
+    return {name: torch.full((batch,), values[name], dtype=getattr(torch, dt))
+            for name, dt in SAMPLING_INPUTS}
+
+
+def add_tokens(mask: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """mask [B, V] bool | tokens [B, N] int64 -> mask with those tokens set (PAD never set)."""
+    ones = torch.ones_like(tokens, dtype=torch.int32)
+    hits = torch.zeros(mask.shape, dtype=torch.int32, device=mask.device).scatter(1, tokens, ones)
+    hits[:, pad_id] = 0
+    return mask | (hits > 0)
+
+
+def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch.Tensor,
+           output_mask: torch.Tensor, u: torch.Tensor, cap: int) -> torch.Tensor:
+    """Pick one token per row.
+
+    logits [B, V]; sp: sampling inputs [B]; prompt_mask/output_mask [B, V] bool; u [B] uniforms
+    in [0, 1); cap: number of top candidates sampled from -> tokens [B] int64.
+    """
+    logits = logits.float()
+    rep = sp["repetition_penalty"][:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | output_mask, penalized, logits)
+    logits = logits - sp["presence_penalty"][:, None] * output_mask.float()
+    greedy = torch.argmax(logits, dim=-1)
+
+    temperature = sp["temperature"]
+    scaled = logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    values, index = torch.topk(scaled, min(cap, logits.shape[-1]), dim=-1)  # [B, K] descending
+    rank = torch.arange(values.shape[-1], device=logits.device)[None]
+    top_k = sp["top_k"][:, None]
+    keep = (top_k <= 0) | (rank < top_k)
+    probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of better candidates
+    keep = keep & (before < sp["top_p"][:, None])
+    keep = keep & (probs >= sp["min_p"][:, None] * probs[:, :1])
+    probs = torch.where(keep, probs, torch.zeros_like(probs))
+    cdf = torch.cumsum(probs, dim=-1)
+    target = u[:, None] * cdf[:, -1:]
+    pick = (cdf <= target).sum(dim=-1)  # index of the first cdf > u * total
+    last = torch.full_like(pick, values.shape[-1] - 1)
+    pick = torch.where(pick > last, last, pick)  # Where, not Clip: TensorRT's Clip is float-only
+    sampled = torch.gather(index, 1, pick[:, None])[:, 0]
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def gate(token2: torch.Tensor, conf: torch.Tensor, threshold: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """PIPO_SPEC gate: tau < 0 commits, 0 <= tau < 1 pads where conf < tau, tau >= 1 pads. [B]."""
+    commit = (threshold < 0) | ((conf >= threshold) & (threshold < 1))
+    return torch.where(commit, token2, torch.full_like(token2, pad_id))

@@ -1,0 +1,66 @@
+"""`pipo-export check OUT`: verify an export folder without running it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from pipo_graphs.contract import DECODE, PREFILL
+from pipo_graphs.manifest import ManifestError, load_manifest
+
+from pipo_export.onnx.graph import op_types, symbolic_dims, weight_refs
+
+
+@dataclass
+class CheckReport:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append((name, ok, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+
+def check_export(folder: str | Path) -> CheckReport:
+    folder, report = Path(folder), CheckReport()
+    try:
+        manifest = load_manifest(folder, verify_files=True)
+        report.add("manifest and sha256 of every file", True, f"{len(manifest['files'])} files")
+    except ManifestError as exc:
+        report.add("manifest and sha256 of every file", False, str(exc))
+        return report
+    paths = {g: folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)}
+    for g, path in paths.items():
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+            report.add(f"onnx checker: {path.name}", True)
+        except Exception as exc:  # checker raises ValidationError and shape-inference errors
+            report.add(f"onnx checker: {path.name}", False, str(exc).splitlines()[0])
+        dims = symbolic_dims(path)
+        bad = []
+        for t in manifest["graphs"][g]["inputs"] + manifest["graphs"][g]["outputs"]:
+            have = dims.get(t["name"])
+            if have != t["shape"]:
+                bad.append(f"{t['name']}: file {have}, manifest {t['shape']}")
+        report.add(f"I/O of {path.name} as in the manifest (dynamic dims symbolic)", not bad,
+                   "; ".join(bad[:4]))
+    if manifest["export"].get("mode", "pipo") == "pipo":
+        report.add("decode graph holds the confidence-gate If", "If" in op_types(paths[DECODE]))
+    refs = weight_refs(paths[PREFILL]) + weight_refs(paths[DECODE])
+    files = {loc for loc, _, _ in refs}
+    stored = sum(length for _, _, length in set(refs))
+    size = (folder / manifest["weights"]["file"]).stat().st_size if files else 0
+    report.add("weights stored once, in one file shared by both graphs",
+               files == {manifest["weights"]["file"]} and stored <= size,
+               f"{len(set(refs))} tensors, {stored:,} bytes referenced, file {size:,} bytes")
+    if manifest["export"]["target"] == "tensorrt":
+        from pipo_export.onnx.trt_support import MAX_OPSET, lint_model
+        for path in paths.values():
+            issues = lint_model(onnx.load(str(path), load_external_data=False))
+            report.add(f"TensorRT lint (parser table, opset <= {MAX_OPSET}): {path.name}",
+                       not issues, "; ".join(f"{i.op_type} {i.node}: {i.problem}"
+                                             for i in issues[:5]))
+    return report
