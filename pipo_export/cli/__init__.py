@@ -14,7 +14,7 @@ import sys
 
 from pipo_graphs.errors import PipoUserError
 
-COMMANDS = ("inspect", "tiny", "export", "check", "build", "compare", "bench", "run")
+COMMANDS = ("inspect", "merge", "tiny", "export", "check", "build", "compare", "bench", "run")
 
 
 def main(argv: list[str] | None = None) -> int:

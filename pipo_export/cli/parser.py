@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its Qwen3.5 base (writes a "
+                                     "PIPO checkpoint folder)")
+    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + "
+                                   "adapter_model.safetensors)")
+    p.add_argument("--base", default=None, help="the Qwen3.5 base folder the adapter was trained on")
+    p.add_argument("-o", "--out", required=True, help="merged checkpoint folder to write")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="default: each tensor keeps the base's dtype")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+
     p = sub.add_parser("tiny", help="write a built-in PIPO checkpoint with random weights")
     p.add_argument("out")
     p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny",
