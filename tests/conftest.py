@@ -43,25 +43,37 @@ def run_json(*args: str) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
 
 
-def _export(tmp_path_factory, name, checkpoint, **kw):
+@pytest.fixture(scope="session")
+def trace_cache(tmp_path_factory) -> Path:
+    """Traced pieces shared by the session's exports (the first export of an architecture
+    traces; the others reuse)."""
+    return tmp_path_factory.mktemp("trace-cache")
+
+
+def export_folder(out: Path, checkpoint, cache: Path | None = None, **kw) -> Path:
     from pipo_export.export.pipeline import export
     from pipo_export.export.options import ExportOptions
     from pipo_graphs.contract import Target
-    out = tmp_path_factory.mktemp("exports") / name
     export(ExportOptions(checkpoint=str(checkpoint), out=str(out),
-                         target=Target(kw.pop("target", "onnxruntime")), **kw))
+                         target=Target(kw.pop("target", "onnxruntime")),
+                         trace_cache=str(cache) if cache else None, **kw))
     return out
+
+
+def _export(tmp_path_factory, name, checkpoint, **kw):
+    cache = tmp_path_factory.getbasetemp() / "trace-cache"
+    return export_folder(tmp_path_factory.mktemp("exports") / name, checkpoint, cache, **kw)
 
 
 @pytest.fixture(scope="session")
 def ort_export(tmp_path_factory):
-    """pipo-tiny-ref, onnxruntime target, MTP context of the fixture generator."""
-    return _export(tmp_path_factory, "ref-ort", TINY_REF, mtp_context="first-slot")
+    """pipo-tiny-ref, onnxruntime target."""
+    return _export(tmp_path_factory, "ref-ort", TINY_REF)
 
 
 @pytest.fixture(scope="session")
 def trt_export(tmp_path_factory):
-    """pipo-tiny-ref, tensorrt target (standard ops only), PIPO_SPEC MTP context."""
+    """pipo-tiny-ref, tensorrt target (standard ops only)."""
     return _export(tmp_path_factory, "ref-trt", TINY_REF, target="tensorrt")
 
 

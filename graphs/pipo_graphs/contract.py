@@ -51,6 +51,12 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+def state_name(kind: str, layer: int | None = None) -> str:
+    """A state's name: "<kind>.<layer>" for per-layer states (key, value, conv, recurrent),
+    the kind itself for the others (mtp_key, attention_mask, position, ...)."""
+    return kind if layer is None else f"{kind}.{layer}"
+
+
 def present_to_past(outputs: dict) -> dict:
     """A step's outputs -> the next decode step's state inputs: every present.X as past.X."""
     return {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
@@ -136,12 +142,12 @@ def state_specs(d: ModelDims, cache_dtype: str = "float32", mtp: bool = True) ->
     kv = ("batch", d.num_key_value_heads, "past_pairs", d.head_dim)
     for i, kind in enumerate(d.layer_types):
         if kind == "full_attention":
-            specs += [StateSpec(f"key.{i}", cache_dtype, kv, i, "attention_key"),
-                      StateSpec(f"value.{i}", cache_dtype, kv, i, "attention_value")]
+            specs += [StateSpec(state_name("key", i), cache_dtype, kv, i, "attention_key"),
+                      StateSpec(state_name("value", i), cache_dtype, kv, i, "attention_value")]
         else:
-            specs += [StateSpec(f"conv.{i}", cache_dtype, ("batch", d.conv_dim, d.conv_kernel - 1), i,
-                                "conv_window"),
-                      StateSpec(f"recurrent.{i}", "float32",
+            specs += [StateSpec(state_name("conv", i), cache_dtype,
+                                ("batch", d.conv_dim, d.conv_kernel - 1), i, "conv_window"),
+                      StateSpec(state_name("recurrent", i), "float32",
                                 ("batch", d.linear_num_value_heads, d.linear_key_head_dim,
                                  d.linear_value_head_dim), i, "recurrent")]
     if mtp:

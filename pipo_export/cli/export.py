@@ -12,6 +12,7 @@ def command(ns) -> int:
 
     export(ExportOptions(checkpoint=ns.checkpoint, out=ns.out, target=Target(ns.target),
                          dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
-                         opset=ns.opset, sample_cap=ns.sample_cap, mtp_context=ns.mtp_context,
-                         validate=not ns.no_validate, mode=Mode(ns.mode)))
+                         opset=ns.opset, sample_cap=ns.sample_cap,
+                         validate=not ns.no_validate, mode=Mode(ns.mode),
+                         base=ns.base, trace_cache=ns.trace_cache))
     return 0

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipo_export.model.checkpoint import inspect_checkpoint
+from pipo_export.model.adapters import is_adapter_folder
+from pipo_export.model.checkpoint import CheckpointLayout, open_checkpoint
+from pipo_export.model.config import load_config
+from pipo_export.model.source import SafetensorsSource
 from pipo_export.errors import PipoError
 
 
@@ -13,6 +18,7 @@ from pipo_export.errors import PipoError
 class InspectArgs:
     checkpoint: str
     json: bool = False
+    base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder
 
 
 def module_of(key: str) -> str:
@@ -24,18 +30,23 @@ def module_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def inspect_report(path: str) -> dict:
-    cfg, layout, tensors = inspect_checkpoint(path)
-    counts: Counter = Counter()
-    for key, t in tensors.items():
-        counts[module_of(key)] += t.numel()
+def inspect_report(path: str, base: str | None = None) -> dict:
+    """What the loader finds: layout, dims, parameter counts per module, problems (names,
+    shapes, missing modules); reads no weight."""
+    problems, counts = [], Counter()
+    try:
+        cfg, source, layout = open_checkpoint(path, base)
+    except PipoError as exc:  # names or shapes do not fit: show the config and the problem
+        if is_adapter_folder(path):
+            raise
+        cfg, problems = load_config(Path(path)), [str(exc)]
+        source = SafetensorsSource.open(path)
+        layout = CheckpointLayout(Path(path), source.files, source.key_prefix, cfg.config_layout,
+                                  bool(cfg.text.tie_word_embeddings), source.stored_dtypes(),
+                                  source.ignored)
+    for key in source.names():
+        counts[module_of(key)] += math.prod(source.shape(key))
     text = cfg.text
-    problems = []
-    try:  # building the model surfaces shape and unused-key problems
-        from pipo_export.model.checkpoint import load_checkpoint
-        load_checkpoint(path)
-    except PipoError as exc:
-        problems.append(str(exc))
     return {
         "folder": str(layout.folder),
         "config_layout": layout.config_layout,
@@ -44,7 +55,8 @@ def inspect_report(path: str) -> dict:
         "backbone_key_prefix": layout.key_prefix,
         "ignored_keys": len(layout.ignored_keys),
         "tied_lm_head": layout.tied_lm_head,
-        "compressor_type": cfg.compressor_type.value,
+        "compressor_type": cfg.compressor_type.value if cfg.compressor_type else None,
+        "adapter": str(layout.adapter) if layout.adapter else None,
         "dims": {"vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
                  "intermediate_size": text.intermediate_size, "layers": text.num_hidden_layers,
                  "attention_heads": text.num_attention_heads, "kv_heads": text.num_key_value_heads,
@@ -62,7 +74,7 @@ def inspect_report(path: str) -> dict:
 
 
 def run_inspect(args: InspectArgs) -> int:
-    report = inspect_report(args.checkpoint)
+    report = inspect_report(args.checkpoint, args.base)
     if args.json:
         print(json.dumps(report, indent=2))
         return 1 if report["problems"] else 0
@@ -85,4 +97,4 @@ def run_inspect(args: InspectArgs) -> int:
 
 
 def command(ns) -> int:
-    return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json))
+    return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json, base=ns.base))

@@ -49,9 +49,6 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full",
-                   help="decode-step MTP attention: full causal context (PIPO_SPEC) or cache slot 0 "
-                        "only (reproduces pipo-tiny-ref's expected.npz); torch backend")
 
 
 def sampling_from(ns: argparse.Namespace) -> SamplingParams:
@@ -65,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show what a PIPO checkpoint folder holds")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
+    p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its Qwen3.5 base (writes a "
@@ -86,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing folder")
 
     p = sub.add_parser("export", help="compile a checkpoint into prefill/decode ONNX graphs")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
+    p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
     p.add_argument("-o", "--out", required=True, help="export folder to write")
     p.add_argument("--target", choices=[t.value for t in Target],
                    default=EXPORT_DEFAULTS.target.value)
@@ -98,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-cap", type=int, default=EXPORT_DEFAULTS.sample_cap,
                    help=f"top candidates the in-graph sampler draws from (default "
                         f"{EXPORT_DEFAULTS.sample_cap})")
-    p.add_argument("--mtp-context", choices=("full", "first-slot"), default="full")
     p.add_argument("--mode", choices=[m.value for m in Mode], default=EXPORT_DEFAULTS.mode.value,
                    help="regular: the backbone alone as a plain causal LM, one token per step "
                         "(the baseline `bench` compares PIPO against)")
+    p.add_argument("--trace-cache", default=None, metavar="DIR",
+                   help="reuse traced pieces from DIR (same architecture, dtype, target, opset); "
+                        "written there when missing")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs torch check at the end of the export")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")

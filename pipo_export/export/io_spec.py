@@ -20,6 +20,9 @@ class TensorSpec:
     dtype: str
     shape: tuple  # ints, or symbolic dim names
 
+    def rename(self, name: str) -> "TensorSpec":
+        return TensorSpec(name, self.dtype, self.shape)
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -67,7 +70,7 @@ def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
 
     prefill = GraphSpec(
         PREFILL,
-        (TensorSpec("input_ids", "int64", ("batch", "prompt_tokens")),
+        (TensorSpec("input_ids", "int64", ("batch", "2*prompt_pairs")),
          TensorSpec("lengths", "int64", ("batch",))) + _sampling(),
         head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs", slots))
                      for s in states))

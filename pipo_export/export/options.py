@@ -20,6 +20,7 @@ class ExportOptions:
     force: bool = False
     opset: int = DEFAULT_OPSET
     sample_cap: int = DEFAULT_SAMPLE_CAP
-    mtp_context: str = "full"
     validate: bool = True
     mode: Mode = Mode.PIPO
+    base: str | None = None  # the Qwen3.5 base folder when `checkpoint` is a PEFT adapter
+    trace_cache: str | None = None  # folder of traced pieces reused across exports

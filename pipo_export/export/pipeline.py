@@ -1,172 +1,222 @@
-"""`pipo-export export CKPT -o OUT`: trace both graphs, share weights, validate, write manifest."""
+"""`pipo-export export CKPT -o OUT`: trace pieces, stream weights, assemble, validate, manifest.
+
+Stages (each printed with its time and, for long ones, an ETA):
+1. open the checkpoint (or adapter + base): config, names and shapes, no weight read;
+2. trace the pieces (embed, one layer per layer type, head; for both graphs);
+3. stream every weight once into weights.data (the only stage that grows with model size);
+4. assemble both graphs from the pieces and write them;
+5. validate (pipo_export.export.validate);
+6. write manifest.json.
+The folder is built in a temporary sibling and renamed at the end (pipo_export.fsutil).
+"""
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from pipo_graphs import step_uniforms
-from pipo_graphs.contract import CONTRACT_VERSION, DECODE, PREFILL
+from pipo_graphs.contract import CONTRACT_VERSION, DECODE, PAST, PREFILL, PRESENT, Mode, \
+    state_name
+from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, file_entries
-from pipo_runtime.runners import OrtRunner
 from pipo_runtime.text import TOKENIZER_FILES
 
-from pipo_export.model.checkpoint import load_checkpoint, torch_dtype
 from pipo_export.errors import ExportError
-from pipo_export.model.steps import MtpContext
-from pipo_export.fsutil import atomic_dir
-from pipo_export.export.io_spec import graph_specs, model_dims
-from pipo_export.export.lowering.standard import STANDARD_KERNELS
+from pipo_export.export.assemble import GraphAssembler, WeightRef
+from pipo_export.export.cache import PieceCache, piece_key
+from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
+from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import ExportOptions
-from pipo_graphs.contract import Mode
+from pipo_export.export.pieces import PieceSet
+from pipo_export.export.trace import trace_piece
+from pipo_export.export.weights import Eta, write_weights
+from pipo_export.fsutil import atomic_dir
+from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
-from pipo_export.export.trace import trace_decode, trace_prefill
 from pipo_export.onnx.graph import symbolic_dims
-from pipo_export.export.validate import TOLERANCES, reference_step, validate_steps
 from pipo_export.versions import package_versions
-from pipo_export.export.weights import share_weights
 
 WEIGHTS_FILE = "weights.data"
 GRAPH_FILES = {PREFILL: "prefill_compress.onnx", DECODE: "decode_unfold.onnx"}
 STAGES = 6
+CHECK = "check/"  # prefix of the piece-boundary outputs of validation graphs
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def progress(i: int, text: str) -> float:
-    print(f"[{i}/{STAGES}] {text}", file=sys.stderr, flush=True)
+    log(f"[{i}/{STAGES}] {text}")
     return time.perf_counter()
 
 
 def tool_versions() -> dict:
     return package_versions(("pipo-export", "torch", "transformers", "onnx", "onnxscript",
-                             "onnxruntime"))
+                             "onnxruntime", "peft"))
 
 
-def kernels_for(target):
-    """Both targets use the standard-op lowering (Scan chunked delta rule, plain decode step)."""
-    return STANDARD_KERNELS
+def check_dtype(opts: ExportOptions) -> None:
+    """Refuse, before any work, what no target here can run."""
+    if opts.dtype == DType.BFLOAT16:
+        raise ExportError("--dtype bfloat16 is not supported: ONNX Runtime's CPU kernels have no "
+                          "bfloat16 (Conv, MatMul), so the export could not be validated; use "
+                          "--dtype float16 (GPU targets, half the weight bytes) or float32")
 
 
-def check_symbolic(path: Path, spec) -> list[dict]:
-    """Assert every dim the spec marks dynamic is symbolic in the file; -> tensors as written."""
-    dims = symbolic_dims(path)
-    tensors = []
-    for t in spec.inputs + spec.outputs:
-        got = dims.get(t.name)
-        if got is None or len(got) != len(t.shape):
-            raise ExportError(f"{path.name}: {t.name} is missing or has rank {got and len(got)}, "
-                              f"expected {len(t.shape)}")
-        for want, have in zip(t.shape, got):
-            if isinstance(want, str) and not isinstance(have, str):
-                raise ExportError(f"{path.name}: {t.name} dim '{want}' was specialized to {have}; "
-                                  "the trace example must not fix dynamic dims")
-            if isinstance(want, int) and have != want:
-                raise ExportError(f"{path.name}: {t.name} has dim {have}, expected {want}")
-        tensors.append({"name": t.name, "dtype": t.dtype, "shape": got})
-    return tensors
+class Traced:
+    """The traced pieces of one export: embed/head per graph, one piece per layer type
+    (read from the piece cache when one is given and holds them)."""
+
+    def __init__(self, pieces: PieceSet, lowering: Lowering, opts: ExportOptions,
+                 dtype: torch.dtype, text_config: dict):
+        self.pieces = pieces
+        todo = {PREFILL: pieces.prefill_pieces(), DECODE: pieces.decode_pieces()}
+        self.layers = {t: pieces.layer_pieces(layer) for t, layer in pieces.layer_types().items()}
+        flat = [*todo[PREFILL], *todo[DECODE], *[p for pair in self.layers.values() for p in pair]]
+        cache = PieceCache(opts.trace_cache) if opts.trace_cache else None
+        settings = {"mode": opts.mode.value, "dtype": opts.dtype.value, "opset": opts.opset,
+                    "lowering": lowering.key, "sample_cap": opts.sample_cap}
+        start, self.protos = time.perf_counter(), {}
+        for i, piece in enumerate(flat):
+            t = time.perf_counter()
+            key = piece_key(piece, text_config, **settings) if cache else None
+            proto = cache.load(key) if cache else None
+            how = "cached" if proto is not None else "traced"
+            if proto is None:
+                proto = trace_piece(piece, opts.opset, lowering, dtype)
+                if cache:
+                    cache.store(key, proto)
+            self.protos[piece.name] = proto
+            elapsed = time.perf_counter() - start
+            log(f"  {how} {piece.name} in {time.perf_counter() - t:.1f}s ({i + 1}/{len(flat)}, "
+                f"~{elapsed / (i + 1) * (len(flat) - i - 1):.0f}s left)")
+        self.embed = {g: todo[g][0] for g in todo}
+        self.head = {g: todo[g][1] for g in todo}
+
+    def layer(self, graph: str, layer_type: str):
+        return self.layers[layer_type][0 if graph == PREFILL else 1]
+
+    def weight_names(self, layer_types: list[str]) -> list[str]:
+        """Every checkpoint weight the two graphs read, in graph order."""
+        names = []
+        for graph in (PREFILL, DECODE):
+            names += [self.embed[graph].global_name(p) for p in self.embed[graph].params]
+            for i, kind in enumerate(layer_types):
+                piece = self.layer(graph, kind)
+                names += [piece.global_name(p, i) for p in piece.params]
+            names += [self.head[graph].global_name(p) for p in self.head[graph].params]
+        return list(dict.fromkeys(names))
 
 
-def validation_feeds(model, dims_batch=3):
-    """Mixed-length batch covering one odd, one short and one multi-chunk prompt."""
-    rng = np.random.default_rng(0)
-    v, pad = model.config.vocab_size, model.config.pad_token_id
-    lengths = np.array([11, 2, 261], dtype=np.int64)[:dims_batch]
-    ids = np.full((len(lengths), int(lengths.max()) + int(lengths.max()) % 2), pad, np.int64)
-    for r, n in enumerate(lengths):
-        ids[r, :n] = rng.integers(0, v - 1, n)
-    sampling = {"temperature": np.array([0.0, 0.9, 1.2], np.float32), "top_k": np.array([0, 20, 0]),
-                "top_p": np.array([1.0, 0.95, 0.8], np.float32),
-                "min_p": np.array([0.0, 0.0, 0.05], np.float32),
-                "presence_penalty": np.array([0.0, 1.5, 0.5], np.float32),
-                "repetition_penalty": np.array([1.0, 1.0, 1.2], np.float32),
-                "threshold": np.array([-1.0, 0.5, 0.2], np.float32)}
-    sampling = {k: a[:len(lengths)] for k, a in sampling.items()}
-    seqs = list(range(len(lengths)))
-    return ({"input_ids": ids, "lengths": lengths, **sampling, "uniforms": step_uniforms(5, seqs, 0)},
-            sampling, lambda step: step_uniforms(5, seqs, step))
+def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
+             weights: dict[str, WeightRef], extra_outputs: bool = False):
+    """One graph from the traced pieces. extra_outputs: also output every piece boundary
+    (embed values, each layer's hidden state) for validation."""
+    asm = GraphAssembler(spec, weights, WEIGHTS_FILE)
+    embed, head = traced.embed[graph], traced.head[graph]
+    asm.add(embed, traced.protos[embed.name], "embed")
+    extra = [TensorSpec(f"{CHECK}embed/{s.name}", s.dtype, s.shape) for s in embed.outputs] \
+        if extra_outputs else []
+    for s in extra:
+        asm.alias(s.name.rpartition("/")[2], s.name)
+    for i, kind in enumerate(layer_types):
+        piece = traced.layer(graph, kind)
+        states = {s.name: PRESENT + state_name(s.name, i) for s in piece.outputs[1:]}
+        bind = {s.name: f"{s.name}.{i}" for s in piece.inputs if s.name.startswith(PAST)}
+        asm.add(piece, traced.protos[piece.name], f"layers.{i}", i, bind, states)
+        if extra_outputs:
+            extra.append(TensorSpec(f"{CHECK}layers.{i}/x", piece.outputs[0].dtype,
+                                    piece.outputs[0].shape))
+            asm.alias("x", extra[-1].name)
+    outputs = {s.name: s.name if s.name in ("pair", "confidence") else PRESENT + s.name
+               for s in head.outputs}
+    asm.add(head, traced.protos[head.name], "head", None, {}, outputs)
+    return asm.model(tuple(extra))
 
 
 def export(opts: ExportOptions) -> dict:
-    t0 = progress(1, f"loading checkpoint {opts.checkpoint} ({opts.dtype.value})")
-    model = load_checkpoint(opts.checkpoint, dtype=torch_dtype(opts.dtype))
+    check_dtype(opts)
+    t0 = progress(1, f"opening checkpoint {opts.checkpoint}"
+                  + (f" over base {opts.base}" if opts.base else ""))
+    cfg, source, layout = open_checkpoint(opts.checkpoint, opts.base)
+    dtype, lowering = torch_dtype(opts.dtype), lowering_for(opts.target)
+    model = skeleton(cfg)
     dims = model_dims(model)
-    pipo = opts.mode == Mode.PIPO
-    prefill_spec, decode_spec, states = graph_specs(dims, opts.dtype.value, mtp=pipo)
-    step = step_class(opts.mode)(model, kernels=kernels_for(opts.target),
-                                 sample_cap=opts.sample_cap, use_cond=True,
-                                 mtp_context=MtpContext(opts.mtp_context))
-    max_context = opts.max_context or model.config.text.max_position_embeddings
+    layer_types = list(cfg.text.layer_types)
+    prefill_spec, decode_spec, states = graph_specs(dims, opts.dtype.value,
+                                                    mtp=opts.mode == Mode.PIPO)
+    step = step_class(opts.mode)(model, kernels=lowering.kernels, sample_cap=opts.sample_cap,
+                                 use_cond=True)
+    max_context = opts.max_context or cfg.text.max_position_embeddings
     timings = {}
     with atomic_dir(opts.out, opts.force) as tmp:
-        t = progress(2, f"tracing {DECODE} (mode {opts.mode.value}, target {opts.target.value}, "
-                        f"opset {opts.opset})")
-        trace_decode(step, decode_spec, states, tmp / GRAPH_FILES[DECODE], opts.opset)
-        timings["trace_decode_s"] = time.perf_counter() - t
-        t = progress(3, f"tracing {PREFILL}")
-        trace_prefill(step, prefill_spec, states, tmp / GRAPH_FILES[PREFILL], opts.opset)
-        timings["trace_prefill_s"] = time.perf_counter() - t
-        progress(4, "storing weights once, shared by both graphs")
-        paths = [tmp / GRAPH_FILES[PREFILL], tmp / GRAPH_FILES[DECODE]]
-        weights = share_weights(paths, WEIGHTS_FILE)
-        io = {PREFILL: check_symbolic(paths[0], prefill_spec),
-              DECODE: check_symbolic(paths[1], decode_spec)}
+        t = progress(2, f"tracing pieces (mode {opts.mode.value}, target {opts.target.value}, "
+                        f"lowering {lowering.name}, {opts.dtype.value}, opset {opts.opset})")
+        traced = Traced(PieceSet(step, dtype), lowering, opts, dtype, cfg.text.to_dict())
+        timings["trace_s"] = time.perf_counter() - t
+        names = traced.weight_names(layer_types)
+        t = progress(3, f"writing {len(names)} weights as {opts.dtype.value} to {WEIGHTS_FILE}")
+        eta = Eta("weights", log)
+        weights = write_weights(source, names, tmp / WEIGHTS_FILE, dtype,
+                                lambda done, total: eta(done, total, "B"))
+        timings["weights_s"] = time.perf_counter() - t
+        t = progress(4, "assembling both graphs from the pieces")
+        paths = {g: tmp / GRAPH_FILES[g] for g in (PREFILL, DECODE)}
+        for graph, spec in ((PREFILL, prefill_spec), (DECODE, decode_spec)):
+            import onnx
+            onnx.save(assemble(traced, graph, spec, layer_types, weights), str(paths[graph]))
+        io = {PREFILL: _as_written(paths[PREFILL], prefill_spec),
+              DECODE: _as_written(paths[DECODE], decode_spec)}
+        timings["assemble_s"] = time.perf_counter() - t
         validation = None
         if opts.validate:
-            atol, rtol = TOLERANCES[opts.dtype.value]
-            t = progress(5, f"validating with ONNX Runtime against torch float64 (atol {atol} x "
-                            f"output scale, rtol {rtol})")
-            validation = _validate(model, paths, atol, rtol, opts)
+            from pipo_export.export.validate import validate_export
+            t = progress(5, "validating every piece against torch float64 (teacher forced, "
+                            "tolerance from torch's own noise in the export dtype)")
+            validation = validate_export(
+                traced, cfg, source, layer_types, weights, tmp, opts,
+                lambda graph, spec: assemble(traced, graph, spec, layer_types, weights, True),
+                (prefill_spec, decode_spec), log)
             timings["validate_s"] = time.perf_counter() - t
         else:
             progress(5, "validation skipped (--no-validate)")
         progress(6, "writing manifest")
-        copied = [n for n in TOKENIZER_FILES if (Path(opts.checkpoint) / n).is_file()]
+        tokenizer_dir = layout.folder
+        copied = [n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
         for name in copied:
-            shutil.copy2(Path(opts.checkpoint) / name, tmp / name)
+            shutil.copy2(tokenizer_dir / name, tmp / name)
         timings["total_s"] = time.perf_counter() - t0
-        manifest = build_manifest(model, dims, opts, max_context, io, states, weights, timings,
-                                  validation, (prefill_spec, decode_spec))
+        stored = {"tensors": len(weights), "bytes": (tmp / WEIGHTS_FILE).stat().st_size}
+        manifest = build_manifest(cfg, dims, source, names, opts, max_context, io, states,
+                                  stored, timings, validation, (prefill_spec, decode_spec))
         manifest["files"] = file_entries(tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied])
-        import json
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {opts.out}: {weights['tensors']} weight tensors, {weights['bytes']:,} bytes in "
-          f"{WEIGHTS_FILE}; {timings['total_s']:.1f}s", file=sys.stderr)
+    log(f"wrote {opts.out}: {stored['tensors']} weight tensors, {stored['bytes']:,} bytes in "
+        f"{WEIGHTS_FILE}; {timings['total_s']:.1f}s")
     return manifest
 
 
-def _validate(model, paths, atol, rtol, opts) -> dict:
-    ref_step = reference_step(model, step_class(opts.mode), sample_cap=opts.sample_cap,
-                              mtp_context=MtpContext(opts.mtp_context))
-    feeds, sampling, uniforms = validation_feeds(model)
-    state_dtype = {"float32": np.float32, "float16": np.float16}.get(opts.dtype.value, np.float32)
-    with OrtRunner(paths[0]) as pre, OrtRunner(paths[1]) as dec:
-        report = validate_steps(ref_step, pre, dec, feeds, 2, sampling, uniforms, atol, rtol,
-                                state_dtype)
-    worst, near_ties = {}, [step for step, errors in report if errors[0].name == "near_tie"]
-    if len(near_ties) == len(report):
-        raise ExportError("validation could not compare any step: every step's tokens sat at a "
-                          "near-tie of the float64 reference; the export was not written")
-    for step, errors in report:
-        for e in (e for e in errors if e.name != "near_tie"):
-            if not e.ok:
-                raise ExportError(f"validation failed at step {step}: {e.name} max abs error "
-                                  f"{e.max_abs:.3g} (atol {atol}, rtol {rtol}, {e.mismatches} "
-                                  "elements outside); the export was not written")
-            worst[e.name] = max(worst.get(e.name, 0.0), e.max_abs)
-    if near_ties:
-        print(f"  steps {near_ties}: a token differs where the float64 reference is at a near-tie "
-              "(also picks it under 1e-3 logit noise); those steps were not compared",
-              file=sys.stderr)
-    return {"atol": atol, "rtol": rtol, "steps": len(report), "near_tie_steps": near_ties,
-            "max_abs_error": worst}
+def _as_written(path: Path, spec) -> list[dict]:
+    """The graph's I/O as written (symbolic dims), checked against the spec."""
+    dims = symbolic_dims(path)
+    out = []
+    for t in spec.inputs + spec.outputs:
+        got = dims.get(t.name)
+        if got != list(t.shape):
+            raise ExportError(f"{path.name}: {t.name} is {got}, the contract says {list(t.shape)}")
+        out.append({"name": t.name, "dtype": t.dtype, "shape": got})
+    return out
 
 
-def build_manifest(model, dims, opts, max_context, io, states, weights, timings, validation,
-                   specs):
-    cfg = model.config
+def build_manifest(cfg, dims, source, names, opts, max_context, io, states, stored, timings,
+                   validation, specs) -> dict:
+    import math
     return {
         "format": "pipo-export",
         "contract_version": CONTRACT_VERSION,
@@ -179,18 +229,19 @@ def build_manifest(model, dims, opts, max_context, io, states, weights, timings,
                   "linear_value_head_dim": dims.linear_value_head_dim,
                   "pad_token_id": cfg.pad_token_id, "eos_token_ids": cfg.eos_token_ids,
                   "compressor_type": cfg.compressor_type.value, "max_context": max_context,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value, "opset": opts.opset,
-                   "sample_cap": min(opts.sample_cap, dims.vocab_size),
-                   "mtp_context": opts.mtp_context, "tool_versions": tool_versions(),
+                  "parameters": sum(math.prod(source.shape(n)) for n in names)},
+        "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value,
+                   "opset": opts.opset, "sample_cap": min(opts.sample_cap, dims.vocab_size),
+                   "tool_versions": tool_versions(),
                    "source": str(Path(opts.checkpoint).resolve()),
+                   "base": str(Path(opts.base).resolve()) if opts.base else None,
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "timings": timings, "validation": validation},
-        "graphs": {g: {"file": GRAPH_FILES[g], "inputs": [t for t in io[g] if t["name"] in
-                                                           {i.name for i in spec.inputs}],
-                       "outputs": [t for t in io[g] if t["name"] in {o.name for o in spec.outputs}]}
+        "graphs": {g: {"file": GRAPH_FILES[g],
+                       "inputs": [t for t in io[g] if t["name"] in set(spec.input_names)],
+                       "outputs": [t for t in io[g] if t["name"] in set(spec.output_names)]}
                    for g, spec in ((PREFILL, specs[0]), (DECODE, specs[1]))},
-        "weights": {"file": WEIGHTS_FILE, **weights},
+        "weights": {"file": WEIGHTS_FILE, **stored},
         "states": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "layer": s.layer,
                     "kind": s.kind} for s in states],
     }

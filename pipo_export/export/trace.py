@@ -1,84 +1,115 @@
-"""Trace PipoStep.prefill / PipoStep.decode into ONNX with torch.onnx (dynamo)."""
+"""Trace one piece (pipo_export.export.pieces) into an ONNX ModelProto with torch.onnx (dynamo).
+
+The piece's weights are inputs: the traced module calls `torch.func.functional_call` on the
+piece's owner with the weight tensors it is given, so the owner itself may live on the meta
+device and the example weights are uninitialized `torch.empty` tensors (no memory is touched,
+whatever the model size). Every dim the piece's spec names symbolically is asserted symbolic in
+the result: an example that spans one chunk must not specialize the length.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
-from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 from torch.export import Dim
 
-from pipo_graphs.contract import SAMPLING_INPUTS, StateSpec
-
 from pipo_export.errors import ExportError
-from pipo_export.model.steps import PipoStep
-from pipo_export.export.io_spec import GraphSpec
+from pipo_export.export.lowering import Lowering
+from pipo_export.export.pieces import WEIGHT, Piece
+from pipo_export.onnx.graph import strip_metadata
 
-EXAMPLE_BATCH = 2
-EXAMPLE_PROMPT_PAIRS = 130  # three 64-pair chunks: a one-chunk example would specialize the length
-EXAMPLE_PAST_PAIRS = 7
+FOLD_LIMIT = 4096  # elements: fold shape/axes arithmetic; weights are inputs, never folded
+MAX_BATCH, MAX_LEN = 4096, 1 << 20
 
 
-class PrefillGraph(nn.Module):
-    """Flat-argument wrapper: (input_ids, lengths, *sampling, uniforms) -> (pair, conf, *states)."""
-
-    def __init__(self, step: PipoStep, states: list[StateSpec]):
+class _Call(nn.Module):
+    def __init__(self, piece: Piece):
         super().__init__()
-        self.step, self.names = step, [s.name for s in states]
+        self.owner, self.fn = piece.owner, piece.fn
 
-    def forward(self, input_ids, lengths, temperature, top_k, top_p, min_p, presence_penalty,
-                repetition_penalty, threshold, uniforms):
-        torch._check(input_ids.shape[1] // 2 >= 1)  # lets the tracer drop Max(1, T//2) strides
-        sp = dict(zip([n for n, _ in SAMPLING_INPUTS], (temperature, top_k, top_p, min_p,
-                                                         presence_penalty, repetition_penalty,
-                                                         threshold)))
-        pair, conf, states = self.step.prefill(input_ids, lengths, sp, uniforms)
-        return (pair, conf, *[states[n] for n in self.names])
+    def forward(self, *acts):
+        return tuple(self.fn(self.owner, *acts))
 
 
-class DecodeGraph(nn.Module):
-    """(input_pair, past_states tuple, *sampling, uniforms) -> (pair, conf, *states)."""
+class _Traced(nn.Module):
+    """forward(activations, weights) -> piece.fn(owner with `weights` as its parameters, ...)
+    (tied parameters follow the one they are tied to)."""
 
-    def __init__(self, step: PipoStep, states: list[StateSpec]):
+    def __init__(self, piece: Piece):
         super().__init__()
-        self.step, self.names = step, [s.name for s in states]
+        self.call, self.names = _Call(piece), ["owner." + n for n in piece.params]
 
-    def forward(self, input_pair, past, temperature, top_k, top_p, min_p, presence_penalty,
-                repetition_penalty, threshold, uniforms):
-        sp = dict(zip([n for n, _ in SAMPLING_INPUTS], (temperature, top_k, top_p, min_p,
-                                                         presence_penalty, repetition_penalty,
-                                                         threshold)))
-        pair, conf, states = self.step.decode(input_pair, dict(zip(self.names, past)), sp, uniforms)
-        return (pair, conf, *[states[n] for n in self.names])
+    def forward(self, acts: list, weights: list):
+        return torch.func.functional_call(self.call, dict(zip(self.names, weights)), tuple(acts),
+                                          strict=False)
 
 
-def sampling_example(batch: int) -> list[torch.Tensor]:
-    vals = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.0, "presence_penalty": 0.5,
-            "repetition_penalty": 1.1, "threshold": 0.5}
-    return [torch.full((batch,), vals[n], dtype=getattr(torch, dt)) for n, dt in SAMPLING_INPUTS]
+def _dim_objects() -> dict:
+    batch, pairs = Dim("batch", min=1, max=MAX_BATCH), Dim("prompt_pairs", min=1, max=MAX_LEN)
+    past = Dim("past_pairs", min=1, max=MAX_LEN)
+    return {"batch": batch, "prompt_pairs": pairs, "prompt_tokens": 2 * pairs,
+            "past_pairs": past, "past_pairs + 1": past + 1}
 
 
-def _dims(batch: Dim, spec_shape: tuple, named: dict) -> dict:
-    return {i: named[d] for i, d in enumerate(spec_shape) if isinstance(d, str)}
+def _example_weights(piece: Piece) -> list[torch.Tensor]:
+    """Uninitialized tensors of each weight's shape and dtype (never read by tracing)."""
+    params = dict(piece.owner.named_parameters())
+    return [torch.empty(params[n].shape, dtype=params[n].dtype, device="cpu")
+            for n in piece.params]
 
 
-def export_graph(module: nn.Module, args: tuple, dynamic_shapes, spec: GraphSpec, path: Path,
-                 opset: int) -> None:
-    """Export `module(*args)` to path (weights as external data, unoptimized)."""
+def trace_piece(piece: Piece, opset: int, lowering: Lowering, dtype: torch.dtype) -> onnx.ModelProto:
+    """Trace `piece` -> ModelProto whose inputs are the piece's inputs then ``w:<param>`` for
+    each weight, outputs the piece's outputs; small constants folded, tracer metadata dropped."""
+    dims = _dim_objects()
+    dyn = [{i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)}
+           for spec in piece.inputs]
+    weights = [w.to(dtype) if w.is_floating_point() else w for w in _example_weights(piece)]
+    args = (list(piece.example()), weights)
+    names = [s.name for s in piece.inputs] + [WEIGHT + n for n in piece.params]
     with torch.no_grad(), _quiet_exporter():
         try:
-            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                     dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
-                                     output_names=spec.output_names, optimize=False,
-                                     verbose=False, report=False)
+            prog = torch.onnx.export(
+                _Traced(piece).eval(), args, dynamo=True, opset_version=opset,
+                dynamic_shapes=(dyn, [None] * len(weights)), input_names=names,
+                output_names=[s.name for s in piece.outputs], optimize=False, verbose=False,
+                report=False, custom_translation_table=lowering.translation_table or None)
         except Exception as exc:  # the exporter raises many types; keep the cause visible
-            raise ExportError(f"tracing {spec.name} failed: {type(exc).__name__}: "
+            raise ExportError(f"tracing {piece.name} failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    fold_small_constants(prog)
-    prog.save(str(path), external_data=True)
+    import onnxscript.optimizer
+    prog.model = onnxscript.optimizer.optimize(prog.model, input_size_limit=FOLD_LIMIT,
+                                               output_size_limit=FOLD_LIMIT)
+    model = prog.model_proto
+    strip_metadata(model)
+    check_piece_dims(model, piece)
+    return model
+
+
+def check_piece_dims(model: onnx.ModelProto, piece: Piece) -> None:
+    """Every dim the spec names must be symbolic in the traced piece; fixed dims must match."""
+    have = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in list(model.graph.input) + list(model.graph.output)}
+    for spec in piece.inputs + piece.outputs:
+        got = have.get(spec.name)
+        if got is None:
+            if spec in piece.inputs:
+                continue  # an input the piece does not read (dropped by the exporter)
+            raise ExportError(f"{piece.name}: output {spec.name} is missing from the trace")
+        if len(got) != len(spec.shape):
+            raise ExportError(f"{piece.name}: {spec.name} has rank {len(got)}, expected "
+                              f"{len(spec.shape)}")
+        for want, d in zip(spec.shape, got):
+            if isinstance(want, str) and not isinstance(d, str):
+                raise ExportError(f"{piece.name}: {spec.name} dim '{want}' was specialized to {d};"
+                                  " the trace example must not fix dynamic dims")
+            if isinstance(want, int) and d != want:
+                raise ExportError(f"{piece.name}: {spec.name} has dim {d}, expected {want}")
 
 
 @contextlib.contextmanager
@@ -90,50 +121,13 @@ def _quiet_exporter():
     logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        warnings.filterwarnings("ignore", category=UserWarning)
         try:
             yield
         finally:
             logger.setLevel(level)
 
 
-FOLD_LIMIT = 4096  # elements: fold shape/axes arithmetic, never rewrite (and duplicate) weights
-
-
-def fold_small_constants(prog) -> None:
-    """Constant-fold what the tracer left computed (Reduce axes, shapes, masks), keeping every
-    large weight as is so both graphs still share it byte for byte."""
-    import onnxscript.optimizer
-
-    prog.model = onnxscript.optimizer.optimize(prog.model, input_size_limit=FOLD_LIMIT,
-                                               output_size_limit=FOLD_LIMIT)
-
-
-def prefill_example(step: PipoStep, batch: int = EXAMPLE_BATCH, pairs: int = EXAMPLE_PROMPT_PAIRS):
-    vocab = step.model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, 2 * pairs), generator=gen)
-    lengths = torch.tensor([2 * pairs - 1 - (pairs * i) // batch for i in range(batch)],
-                           dtype=torch.long)  # mixed lengths, one odd
-    uniforms = torch.rand(batch, 2, generator=gen)
-    return (ids, lengths, *sampling_example(batch), uniforms)
-
-
-def trace_prefill(step: PipoStep, spec: GraphSpec, states: list[StateSpec], path: Path, opset: int):
-    batch, pairs = Dim("batch", min=1, max=4096), Dim("prompt_pairs", min=1, max=1 << 20)
-    dyn = [{0: batch, 1: 2 * pairs}, {0: batch}] + [{0: batch}] * 7 + [{0: batch}]
-    export_graph(PrefillGraph(step, states).eval(), prefill_example(step), tuple(dyn), spec,
-                 path, opset)
-
-
-def trace_decode(step: PipoStep, spec: GraphSpec, states: list[StateSpec], path: Path, opset: int):
-    ex = prefill_example(step, EXAMPLE_BATCH, EXAMPLE_PAST_PAIRS)
-    with torch.no_grad():
-        pair, _, st = step.prefill(ex[0], ex[1], dict(zip([n for n, _ in SAMPLING_INPUTS], ex[2:9])),
-                                   ex[9])
-    batch, past = Dim("batch", min=1, max=4096), Dim("past_pairs", min=1, max=1 << 20)
-    named = {"batch": batch, "past_pairs": past}
-    past_dyn = tuple(_dims(batch, s.shape, named) for s in states)
-    dyn = ({0: batch}, past_dyn) + ({0: batch},) * 7 + ({0: batch},)
-    args = (pair, tuple(st[s.name] for s in states), *ex[2:])
-    export_graph(DecodeGraph(step, states).eval(), args, dyn, spec, path, opset)
+def example_numel(piece: Piece) -> int:
+    """Elements in the piece's weights (for progress reports)."""
+    return sum(math.prod(p.shape) for n, p in piece.owner.named_parameters() if n in piece.params)

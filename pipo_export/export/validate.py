@@ -1,191 +1,231 @@
-"""Validate an export against the torch reference (optimum style): same inputs, stated
-tolerance, per-output error statistics (Polygraphy style).
+"""Validation that scales: every piece instance of an export checked locally against torch.
 
-The reference runs in float64: at depth the float32 torch model is itself up to ~1e-3 away from
-the exact result (e.g. keys after q/k RMSNorm), so a float32-vs-float32 comparison would measure
-two noises. Against float64 every output of a float32 export stays within 1e-4 x its scale.
+The export runs free in ONNX Runtime (a prefill and two decode steps on a mixed batch: one odd,
+one short, one prompt spanning three delta-rule chunks), from graphs that also output every
+piece boundary. Then each piece instance (embed, every layer, head) is recomputed in torch from
+*the export's own inputs to that piece* (teacher forced), so an error never compounds and only
+one layer's weights are in memory at a time:
+
+    err   = max |export - float64 reference| / scale       scale = max(1, max |reference|)
+    noise = max |torch in the export dtype - float64| / scale   (the noise floor, measured)
+    pass  when err <= max(NOISE_FACTOR * noise, FLOOR[dtype])
+
+Tokens, masks and positions must be equal; a token may differ only where the float64 reference
+is itself at a near-tie (`near_tie_tokens`), and then that head step is not compared.
 """
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import torch
 
-from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS, present_to_past
-from pipo_runtime.runners import GraphRunner
+from pipo_graphs import step_uniforms
+from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, UNIFORMS, Mode, present_to_past, \
+    state_name
 
-from pipo_export.model.steps import PipoStep
+from pipo_export.errors import ExportError
+from pipo_export.export.reference import References
+from pipo_export.model.checkpoint import torch_dtype
 
-TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2), "bfloat16": (5e-2, 5e-2)}
+CHECK = "check/"  # the piece-boundary outputs of validation graphs (pipeline.assemble)
+NOISE_FACTOR = 10.0
+FLOOR = {"float32": 2e-5, "float16": 5e-3}  # relative to each output's scale
+LENGTHS = (11, 2, 261)
+DECODE_STEPS = 2
 
 
 @dataclass
-class OutputError:
-    name: str
-    max_abs: float
-    max_rel: float
-    mismatches: int  # elements outside the tolerance (or unequal, for ints/bools)
+class Finding:
+    piece: str  # "prefill/layers.3"
+    output: str
+    step: int
+    err: float
+    noise: float
+    limit: float
 
     @property
     def ok(self) -> bool:
-        return self.mismatches == 0
+        return self.err <= self.limit
 
 
-def compare_outputs(got: dict, ref: dict, atol: float, rtol: float) -> list[OutputError]:
-    """Per-output error statistics of got vs ref (both name -> numpy array).
-
-    Integers and bools must be equal. Floats pass where |got - ref| <= atol * scale + rtol * |ref|
-    with scale = max(1, max|ref|) of that output: atol is relative to the tensor's magnitude, so
-    a cache whose values reach 4 is held to the same relative precision as a probability.
-    """
-    errors = []
-    for name, r in ref.items():
-        g = got[name]
-        if g.shape != r.shape:
-            errors.append(OutputError(name, float("inf"), float("inf"), max(r.size, 1)))
-        elif r.dtype.kind in "biu":
-            errors.append(OutputError(name, float((g != r).any()), 0.0, int((g != r).sum())))
-        else:
-            diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
-            rel = diff / np.maximum(np.abs(r.astype(np.float64)), 1e-12)
-            scale = max(1.0, float(np.abs(r).max(initial=0)))
-            bad = int((diff > atol * scale + rtol * np.abs(r)).sum())
-            errors.append(OutputError(name, float(diff.max(initial=0)), float(rel.max(initial=0)),
-                                      bad))
-    return errors
+def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0):
+    """Mixed-length batch -> (prefill feeds, sampling feeds, uniforms(step))."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((len(lengths), max(lengths) + max(lengths) % 2), pad, np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = rng.integers(0, vocab - 1, n)
+    table = {"temperature": [0.0, 0.9, 1.2], "top_k": [0, 20, 0], "top_p": [1.0, 0.95, 0.8],
+             "min_p": [0.0, 0.0, 0.05], "presence_penalty": [0.0, 1.5, 0.5],
+             "repetition_penalty": [1.0, 1.0, 1.2], "threshold": [-1.0, 0.5, 0.2]}
+    b = len(lengths)
+    sampling = {k: np.resize(np.array(v, np.int64 if k == "top_k" else np.float32), b)
+                for k, v in table.items()}
+    seqs = list(range(b))
+    feeds = {"input_ids": ids, "lengths": np.array(lengths, np.int64), **sampling,
+             UNIFORMS: step_uniforms(5, seqs, 0)}
+    return feeds, sampling, lambda step: step_uniforms(5, seqs, step)
 
 
-def reference_step(model, step_cls=PipoStep, **kw) -> PipoStep:
-    """A float64 copy of the model wrapped in a reference PipoStep (or RegularStep)."""
-    import copy
-    return step_cls(copy.deepcopy(model).double(), **kw)
-
-
-def torch_feeds(feeds: dict, dtype: torch.dtype) -> dict:
-    """numpy feeds -> torch tensors; floating inputs in the reference's dtype."""
-    out = {}
-    for k, v in feeds.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        out[k] = t.to(dtype) if t.is_floating_point() and k != UNIFORMS else t
+def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int) -> list[dict]:
+    """Free-running ORT: per step, its feeds and every output (numpy)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sessions = {g: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                for g, p in paths.items()}
+    out, step_feeds = [], feeds
+    for s in range(steps + 1):
+        sess = sessions[PREFILL if s == 0 else DECODE]
+        names = [o.name for o in sess.get_outputs()]
+        values = dict(zip(names, sess.run(names, step_feeds)))
+        out.append({**step_feeds, **values})
+        step_feeds = {"input_pair": values["pair"], **present_to_past(values), **sampling,
+                      UNIFORMS: uniforms(s + 1)}
+    del sessions
     return out
 
 
-def _dtype(step: PipoStep) -> torch.dtype:
-    return step.model.lm_head.weight.dtype
+def _value(vals: dict, name: str, layer: int | None, n_layers: int) -> np.ndarray:
+    """The export's value feeding a piece input `name` (of layer `layer`, or embed/head)."""
+    if name == "x":
+        prev = (layer if layer is not None else n_layers) - 1
+        return vals[f"{CHECK}layers.{prev}/x" if prev >= 0 else f"{CHECK}embed/x"]
+    if name.startswith(PAST) and layer is not None:
+        return vals[PAST + state_name(name[len(PAST):], layer)]
+    return vals[name] if name in vals else vals[f"{CHECK}embed/{name}"]
 
 
-def run_torch_prefill(step: PipoStep, feeds: dict) -> dict:
-    t = torch_feeds(feeds, _dtype(step))
-    sp = {n: t[n] for n, _ in SAMPLING_INPUTS}
-    with torch.no_grad():
-        pair, conf, states = step.prefill(t["input_ids"], t["lengths"], sp, t[UNIFORMS])
-    return _pack(pair, conf, states)
+def _output(vals: dict, piece_kind: str, name: str, layer: int | None) -> np.ndarray:
+    if piece_kind == "embed":
+        return vals[f"{CHECK}embed/{name}"]
+    if piece_kind == "layer":
+        return vals[f"{CHECK}layers.{layer}/x" if name == "x" else PRESENT + state_name(name, layer)]
+    return vals[name if name in ("pair", "confidence") else PRESENT + name]
 
 
-def run_torch_decode(step: PipoStep, feeds: dict) -> dict:
-    t = torch_feeds(feeds, _dtype(step))
-    sp = {n: t[n] for n, _ in SAMPLING_INPUTS}
-    past = {k[len(PAST):]: v for k, v in t.items() if k.startswith(PAST)}
-    with torch.no_grad():
-        pair, conf, states = step.decode(t["input_pair"], past, sp, t[UNIFORMS])
-    return _pack(pair, conf, states)
+def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(dtype) if t.is_floating_point() else t
 
 
-def _pack(pair, conf, states) -> dict:
-    out = {"pair": pair.numpy(), "confidence": conf.numpy()}
-    out.update({PRESENT + k: v.numpy() for k, v in states.items()})
-    return out
+class Checker:
+    """Runs the reference pieces of both dtypes on the export's values and records findings."""
+
+    def __init__(self, cfg, source, mode: Mode, dtype: str, sample_cap: int, pad_id: int):
+        export = torch_dtype(dtype)
+        self.dtype, self.pad_id = dtype, pad_id
+        self.ref = References(cfg, source, mode, export, torch.float64)
+        self.low = References(cfg, source, mode, export, export)
+        self.fns = {"ref": self.ref.pieces(sample_cap), "low": self.low.pieces(sample_cap)}
+        self.ref.step().sample_cap = self.low.step().sample_cap = sample_cap
+        self.findings: list[Finding] = []
+        self.failures: list[str] = []  # in data-flow order: the first is the most telling
+        self.near_ties: list[int] = []
+
+    def check(self, where: str, piece_kind: str, pieces: dict, owners: dict, steps: list[dict],
+              layer: int | None, n_layers: int, graph_steps: list[int]) -> None:
+        """Run piece (ref, low) on each step in graph_steps; compare every output."""
+        from pipo_export.export.ties import SampleRecorder, near_tie_tokens
+        for s in graph_steps:
+            vals = steps[s]
+            args = {k: [_torch(_value(vals, i.name, layer, n_layers),
+                               torch.float64 if k == "ref" else torch_dtype(self.dtype))
+                        for i in pieces[k].inputs] for k in pieces}
+            with torch.no_grad(), SampleRecorder() as calls:
+                ref = pieces["ref"].fn(owners["ref"], *args["ref"])
+            with torch.no_grad():
+                low = pieces["low"].fn(owners["low"], *args["low"])
+            outs = {o.name: (r, l) for o, r, l in zip(pieces["ref"].outputs, ref, low)}
+            if "pair" in outs:
+                got = _output(vals, piece_kind, "pair", layer)
+                want = outs["pair"][0].numpy()
+                if not np.array_equal(got, want):
+                    threshold = vals["threshold"]
+                    if near_tie_tokens(calls, got, want, outs["confidence"][0].numpy(),
+                                       threshold, self.pad_id, eps=10 * FLOOR[self.dtype]):
+                        self.near_ties.append(s)
+                        continue
+                    self.failures.append(f"{where} step {s}: tokens {got.tolist()}, the torch "
+                                         f"reference gives {want.tolist()}")
+                    continue
+            for name, (r, lo) in outs.items():
+                self._compare(where, name, s, _output(vals, piece_kind, name, layer), r, lo)
+
+    def _compare(self, where, name, step, got: np.ndarray, ref: torch.Tensor, low: torch.Tensor):
+        ref = ref.numpy()
+        if ref.dtype.kind in "biu":
+            if not np.array_equal(got, ref):
+                self.failures.append(f"{where} {name} (step {step}): {(got != ref).sum()} elements "
+                                     "differ from the torch reference")
+            return
+        scale = max(1.0, float(np.abs(ref).max(initial=0)))
+        err = float(np.abs(got.astype(np.float64) - ref).max(initial=0)) / scale
+        noise = float(np.abs(low.double().numpy() - ref).max(initial=0)) / scale
+        f = Finding(where, name, step, err, noise, max(NOISE_FACTOR * noise, FLOOR[self.dtype]))
+        self.findings.append(f)
+        if not f.ok:
+            self.failures.append(
+                f"{where} {name} (step {step}): error {err:.3g} x scale, limit {f.limit:.3g} "
+                f"(torch's own {self.dtype} noise {noise:.3g} x {NOISE_FACTOR:g}, floor "
+                f"{FLOOR[self.dtype]:g})")
 
 
-
-def _graph_state(name: str, value: np.ndarray, state_dtype) -> np.ndarray:
-    """Reference state (float64) in the dtype the graph declares: recurrent states are float32,
-    other float states follow the export dtype."""
-    if value.dtype.kind != "f":
-        return value
-    return value.astype(np.float32 if name.startswith(PRESENT + "recurrent") else state_dtype)
-
-
-def validate_steps(step: PipoStep, prefill: GraphRunner, decode: GraphRunner, prefill_feeds: dict,
-                   decode_steps: int, sampling_feeds: dict, uniforms, atol: float, rtol: float,
-                   state_dtype=np.float32):
-    """Prefill then `decode_steps` decode steps; each graph gets the torch reference's own states
-    (cast to `state_dtype`) as input, so errors do not compound. -> [(step, [OutputError])].
-
-    A step whose tokens differ only where the float64 reference itself is at a near-tie (see
-    `near_tie_tokens`) is reported as one `near_tie` entry instead: its token-dependent outputs
-    cannot be compared, and the next step starts from the reference's states again."""
-    report = []
-    with SampleRecorder() as calls:
-        ref = run_torch_prefill(step, prefill_feeds)
-    report.append((0, _step_errors(prefill.infer(prefill_feeds), ref, calls, step, atol, rtol)))
-    for i in range(1, decode_steps + 1):
-        feeds = {"input_pair": ref["pair"], **sampling_feeds, UNIFORMS: uniforms(i),
-                 **present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})}
-        with SampleRecorder() as calls:
-            ref = run_torch_decode(step, feeds)
-        report.append((i, _step_errors(decode.infer(feeds), ref, calls, step, atol, rtol)))
-    return report
-
-
-class SampleRecorder:
-    """Records every `sample` call of the reference step (a reversible patch, optimum style)."""
-
-    MODULES = ("pipo_export.model.steps", "pipo_export.model.regular")
-
-    def __enter__(self) -> list:
-        import importlib
-        from pipo_export.model import sampling
-        self.calls, self.saved = [], []
-
-        def recording(*args):
-            self.calls.append(args)
-            return sampling.sample(*args)
-
-        for name in self.MODULES:
-            module = importlib.import_module(name)
-            self.saved.append((module, module.sample))
-            module.sample = recording
-        return self.calls
-
-    def __exit__(self, *exc):
-        for module, fn in self.saved:
-            module.sample = fn
+def validate_export(traced, cfg, source, layer_types, weights, folder, opts, assemble_fn, specs,
+                    log=lambda s: print(s, file=sys.stderr)) -> dict:
+    """Validate the export in `folder` (see the module doc). Raises ExportError on failure;
+    -> the report stored in the manifest."""
+    paths = {}
+    for graph, spec in zip((PREFILL, DECODE), specs):
+        paths[graph] = folder / f".validate_{graph}.onnx"
+        onnx.save(assemble_fn(graph, spec), str(paths[graph]))
+    try:
+        feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id)
+        steps = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS)
+    finally:
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+    dtype = opts.dtype.value
+    checker = Checker(cfg, source, opts.mode, dtype, opts.sample_cap, cfg.pad_token_id)
+    n = len(layer_types)
+    ref_pieces, low_pieces = checker.fns["ref"], checker.fns["low"]
+    graph_steps = {PREFILL: [0], DECODE: list(range(1, DECODE_STEPS + 1))}
+    heads = {"ref": checker.ref.step(), "low": checker.low.step()}
+    for g, (rp, lp) in ((PREFILL, (ref_pieces.prefill_pieces(), low_pieces.prefill_pieces())),
+                        (DECODE, (ref_pieces.decode_pieces(), low_pieces.decode_pieces()))):
+        checker.check(f"{g}/embed", "embed", {"ref": rp[0], "low": lp[0]}, heads, steps, None, n,
+                      graph_steps[g])
+    by_type = {}
+    for i, kind in enumerate(layer_types):
+        owners = {"ref": checker.ref.layer(i), "low": checker.low.layer(i)}
+        if kind not in by_type:
+            by_type[kind] = {k: checker.fns[k].layer_pieces(owners[k].layer) for k in owners}
+        for g, j in ((PREFILL, 0), (DECODE, 1)):
+            checker.check(f"{g}/layers.{i}", "layer", {k: by_type[kind][k][j] for k in owners},
+                          owners, steps, i, n, graph_steps[g])
+        log(f"  layer {i + 1}/{n} checked")
+    for g, (rp, lp) in ((PREFILL, (ref_pieces.prefill_pieces(), low_pieces.prefill_pieces())),
+                        (DECODE, (ref_pieces.decode_pieces(), low_pieces.decode_pieces()))):
+        checker.check(f"{g}/head", "head", {"ref": rp[1], "low": lp[1]}, heads, steps, None, n,
+                      graph_steps[g])
+    if checker.failures:
+        more = len(checker.failures) - 1
+        raise ExportError(f"validation failed: {checker.failures[0]}"
+                          + (f"; {more} more outputs outside" if more else "")
+                          + "; the export was not written")
+    if len(checker.near_ties) == DECODE_STEPS + 1:
+        raise ExportError("validation could not compare the head at any step: every step's "
+                          "tokens sat at a near-tie of the float64 reference")
+    worst = max(checker.findings, key=lambda f: f.err / f.limit)
+    return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
+            "lengths": list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": FLOOR[dtype],
+            "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
+            "max_error": max(f.err for f in checker.findings),
+            "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,
+                      "error": worst.err, "limit": worst.limit, "noise": worst.noise}}
 
 
-def near_tie_tokens(calls: list, got_pair: np.ndarray, ref_pair: np.ndarray, conf: np.ndarray,
-                    threshold: np.ndarray, pad_id: int, eps: float, draws: int = 16) -> bool:
-    """True when every differing token is one the float64 reference could also have picked:
-    its logits nudged by Gaussian noise of eps x max|logits| (a few draws) give the export's
-    token, or (token2 PAD vs not) its confidence is within eps of the gate threshold.
-    calls: the reference's `sample` calls this step, in slot order (token1, token2)."""
-    from pipo_export.model.sampling import sample
-    gen = torch.Generator().manual_seed(0)
-    for row, slot in zip(*np.nonzero(got_pair != ref_pair)):
-        if slot == 1 and pad_id in (got_pair[row, 1], ref_pair[row, 1]):
-            if abs(float(conf[row]) - float(threshold[row])) <= eps:
-                continue
-            return False
-        if slot >= len(calls):
-            return False
-        logits, sp, prompt_mask, output_mask, u, cap = calls[slot]
-        one = lambda t: t[row:row + 1]  # noqa: E731
-        row_sp = {k: one(v) for k, v in sp.items()}
-        scale = eps * float(logits[row].abs().max())
-        if not any(int(sample(one(logits) + scale * torch.randn(one(logits).shape, generator=gen,
-                                                                   dtype=logits.dtype),
-                              row_sp, one(prompt_mask), one(output_mask), one(u), cap)[0])
-                   == int(got_pair[row, slot]) for _ in range(draws)):
-            return False
-    return True
-
-
-def _step_errors(got: dict, ref: dict, calls: list, step, atol: float, rtol: float) -> list:
-    errors = compare_outputs(got, ref, atol, rtol)
-    if not np.array_equal(got["pair"], ref["pair"]) and calls:
-        threshold = calls[0][1]["threshold"].numpy()
-        if near_tie_tokens(calls, got["pair"], ref["pair"], ref["confidence"], threshold,
-                           step.pad_id, eps=10 * atol):
-            return [OutputError("near_tie", 0.0, 0.0, 0)]
-    return errors
+__all__ = ["validate_export", "validation_feeds", "Finding", "math"]

@@ -1,62 +1,79 @@
-"""One external-data file shared by both graphs: every weight is stored once."""
+"""weights.data: every weight both graphs use, written once, streamed tensor by tensor.
+
+Each tensor is read from the checkpoint's TensorSource (an adapter merged on read), cast to the
+export dtype and appended 4 KiB aligned (so runtimes can map it and hand regions to both
+sessions without copies). Only one tensor is in memory at a time.
+"""
 from __future__ import annotations
 
-import hashlib
+import os
+import time
 from pathlib import Path
+from typing import Callable
 
-import onnx
-from onnx import TensorProto
+import numpy as np
+import torch
 
-from pipo_export.onnx.graph import iter_graphs, strip_metadata
+from pipo_graphs.dtypes import itemsize
 
-INLINE_BELOW = 1024  # bytes; shape constants stay inline (ORT cannot shape-infer external ones)
+from pipo_export.export.assemble import WeightRef
+from pipo_export.model.source import TensorSource
+
 ALIGN = 4096
 
 
-def _external_files(path: Path) -> set[Path]:
-    model = onnx.load(str(path), load_external_data=False)
-    return {path.parent / kv.value for g in iter_graphs(model.graph) for t in g.initializer
-            for kv in t.external_data if kv.key == "location"}
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw little-endian bytes (bfloat16 as its 16-bit pattern), no copy."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
 
 
-def share_weights(model_paths: list[Path], data_name: str) -> dict:
-    """Rewrite the models (all in one folder) so their large initializers live once, deduplicated
-    by content (dtype + bytes), 4 KiB aligned, in `data_name` next to them.
-    -> {"tensors": unique tensors stored, "bytes": file size}."""
-    folder = model_paths[0].parent
-    old = set().union(*(_external_files(p) for p in model_paths))
-    models = [onnx.load(str(p), load_external_data=True) for p in model_paths]
-    index: dict[str, tuple[int, int]] = {}
-    tmp = folder / (data_name + ".tmp")
-    with open(tmp, "wb") as f:
-        for model in models:
-            for graph in iter_graphs(model.graph):
-                for t in graph.initializer:
-                    raw = t.raw_data if t.HasField("raw_data") else \
-                        onnx.numpy_helper.to_array(t).tobytes()
-                    if len(raw) < INLINE_BELOW:
-                        continue
-                    # bytes only: a reshaped copy of a weight shares the stored bytes
-                    key = hashlib.sha256(bytes([t.data_type]) + raw).hexdigest()
-                    if key not in index:
-                        f.write(b"\0" * ((-f.tell()) % ALIGN))
-                        index[key] = (f.tell(), len(raw))
-                        f.write(raw)
-                    offset, length = index[key]
-                    for field in ("raw_data", "float_data", "int32_data", "int64_data",
-                                  "double_data", "uint64_data", "string_data"):
-                        t.ClearField(field)
-                    del t.external_data[:]
-                    t.data_location = TensorProto.EXTERNAL
-                    for k, v in (("location", data_name), ("offset", str(offset)),
-                                 ("length", str(length))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = k, v
-    for path in old:
-        if path.name != data_name and path.exists():
-            path.unlink()
-    tmp.replace(folder / data_name)
-    for model, path in zip(models, model_paths):
-        strip_metadata(model)
-        onnx.save(model, str(path))
-    return {"tensors": len(index), "bytes": (folder / data_name).stat().st_size}
+def write_weights(source: TensorSource, names: list[str], path: Path, dtype: torch.dtype,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, WeightRef]:
+    """Write `names` (deduplicated, in order) from `source` as `dtype` into `path`.
+    -> name -> WeightRef. progress(bytes_done, bytes_total) is called after each tensor."""
+    order = list(dict.fromkeys(names))
+    width = itemsize(str(dtype).replace("torch.", ""))
+    total = sum(int(np.prod(source.shape(n))) * width for n in order)
+    refs, done = {}, 0
+    with open(path, "wb") as f:
+        for name in order:
+            f.write(b"\0" * ((-f.tell()) % ALIGN))
+            value = source.get(name).to(dtype)
+            offset = f.tell()
+            f.write(tensor_bytes(value))
+            refs[name] = WeightRef(name, str(dtype).replace("torch.", ""), tuple(value.shape),
+                                   offset, f.tell() - offset)
+            done += refs[name].length
+            del value
+            if progress:
+                progress(done, total)
+        f.flush()
+        os.fsync(f.fileno())
+    return refs
+
+
+class Eta:
+    """Progress with an estimate of the time left, printed at most every `every` seconds."""
+
+    def __init__(self, label: str, printer: Callable[[str], None], every: float = 5.0):
+        self.label, self.printer, self.every = label, printer, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: float, total: float, unit: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / done * (total - done) if done else float("nan")
+        self.printer(f"  {self.label}: {_fmt(done, unit)} of {_fmt(total, unit)}, "
+                     f"{elapsed:.0f}s elapsed, ~{left:.0f}s left")
+
+
+def _fmt(x: float, unit: str) -> str:
+    if unit == "B":
+        return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
+    return f"{x:g}{unit}"

@@ -1,24 +1,31 @@
-"""Load a PIPO checkpoint folder (config.json + safetensors) into a PipoModel."""
+"""Open a PIPO checkpoint (a folder, or a PEFT adapter over a Qwen3.5 base) and check it
+against its config without reading a weight; build models from it tensor by tensor.
+
+`open_checkpoint` -> (PipoConfig, TensorSource, CheckpointLayout): everything the exporter
+needs; weights are read later, one at a time. `load_checkpoint` builds a whole eval-mode
+PipoModel (for the torch reference on models that fit in memory). `skeleton` builds the model
+on the meta device: shapes only, with the real RoPE buffers, for tracing.
+"""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
 
-from pipo_export.model.config import CompressorType, PipoConfig, load_config
 from pipo_export.errors import CheckpointError
+from pipo_export.model.config import CompressorType, PipoConfig, load_config
 from pipo_export.model.modules import PipoModel
+from pipo_export.model.source import SafetensorsSource, TensorSource
 
-INDEX_FILE = "model.safetensors.index.json"
 PIPO_MODULES = ("compressor", "mtp", "confidence_head")
+LM_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 
 @dataclass
 class CheckpointLayout:
-    """What the loader found in a folder, for `inspect` and error messages."""
+    """What the loader found, for `inspect` and error messages."""
 
     folder: Path
     weight_files: list[Path]
@@ -27,127 +34,7 @@ class CheckpointLayout:
     tied_lm_head: bool
     weight_dtypes: list[str]
     ignored_keys: list[str] = field(default_factory=list)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: shards from the index, or the single file."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no model.safetensors (or shards with {INDEX_FILE})")
-    if len(files) > 1:
-        raise CheckpointError(f"{folder}: {len(files)} safetensors files but no {INDEX_FILE}; "
-                              "add the index or keep a single model.safetensors")
-    return files
-
-
-def read_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """All tensors of the files, by key, and the set of dtypes they were stored in."""
-    tensors, dtypes = {}, set()
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-                    dtypes.add(str(tensors[key].dtype).replace("torch.", ""))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from None
-    return tensors, sorted(dtypes)
-
-
-def normalize_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """Map `model.language_model.*` to `model.*` and drop `model.visual.*`.
-
-    Returns (tensors with PipoModel key names, backbone prefix found, ignored keys).
-    """
-    out, ignored, prefix = {}, [], "model."
-    for key, value in tensors.items():
-        if key.startswith("model.visual.") or key.startswith("visual."):
-            ignored.append(key)
-            continue
-        if key.startswith("model.language_model."):
-            prefix = "model.language_model."
-            key = "model." + key[len("model.language_model."):]
-        elif key.startswith("language_model."):
-            prefix = "language_model."
-            key = "model." + key[len("language_model."):]
-        out[key] = value
-    return out, prefix, ignored
-
-
-def infer_compressor(cfg: PipoConfig, keys: set[str]) -> CompressorType:
-    if cfg.compressor_type is not None:
-        return cfg.compressor_type
-    if "compressor.mlp.0.weight" in keys:
-        return CompressorType.MLP
-    if "compressor.linear.weight" in keys:
-        return CompressorType.LINEAR
-    raise CheckpointError("config.json has no compressor_type and the weights hold neither "
-                          "compressor.mlp.* nor compressor.linear.*")
-
-
-def _check_pipo_modules(keys: set[str], folder: Path) -> None:
-    missing = [m for m in PIPO_MODULES if not any(k.startswith(m + ".") for k in keys)]
-    if missing:
-        plain = " (this looks like a plain Qwen3.5 checkpoint)" if len(missing) == 3 else ""
-        raise CheckpointError(f"{folder}: missing PIPO modules {', '.join(missing)}{plain}; "
-                              "a PIPO checkpoint also holds compressor.*, mtp.* and confidence_head.*")
-
-
-def _bind(model: PipoModel, tensors: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
-    """Copy tensors into the model, naming every missing, unused or mis-shaped tensor."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.config.text.tie_word_embeddings
-    if tied and "lm_head.weight" in tensors:
-        extra = tensors.pop("lm_head.weight")
-        if not torch.equal(extra, tensors.get("model.embed_tokens.weight", extra)):
-            raise CheckpointError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs "
-                                  "from model.embed_tokens.weight; set tie_word_embeddings false")
-    expected = {k for k in params if not (tied and k == "lm_head.weight")}
-    missing = sorted(expected - tensors.keys())
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensors: {', '.join(missing[:8])}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    unused = sorted(tensors.keys() - expected)
-    if unused:
-        raise CheckpointError(f"{folder}: tensors left unused (not part of a PIPO model with this "
-                              f"config): {', '.join(unused[:8])}"
-                              + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
-    for name in sorted(expected):
-        target, value = params[name], tensors[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"{folder}: tensor {name} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(target.shape)} from config.json")
-        with torch.no_grad():
-            target.copy_(value.to(dtype))
-
-
-def inspect_checkpoint(path: str | Path) -> tuple[PipoConfig, CheckpointLayout, dict[str, torch.Tensor]]:
-    """Parse config and weights without building the model (for `inspect` and the loader)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    cfg = load_config(folder)
-    files = weight_files(folder)
-    raw, dtypes = read_tensors(files)
-    tensors, prefix, ignored = normalize_keys(raw)
-    _check_pipo_modules(set(tensors), folder)
-    cfg.compressor_type = infer_compressor(cfg, set(tensors))
-    layout = CheckpointLayout(folder=folder, weight_files=files, key_prefix=prefix,
-                              config_layout=cfg.config_layout,
-                              tied_lm_head=bool(cfg.text.tie_word_embeddings),
-                              weight_dtypes=dtypes, ignored_keys=ignored)
-    return cfg, layout, tensors
+    adapter: Path | None = None  # a PEFT adapter folder merged over `folder`
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -155,10 +42,113 @@ def torch_dtype(dtype) -> torch.dtype:
     return getattr(torch, getattr(dtype, "value", dtype))
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> PipoModel:
-    """Load a PIPO checkpoint folder into an eval-mode PipoModel of the given dtype."""
-    cfg, _, tensors = inspect_checkpoint(path)
-    with torch.device("cpu"):
+def skeleton(cfg: PipoConfig) -> PipoModel:
+    """The model on the meta device (no memory): parameter names and shapes, plus real CPU RoPE
+    buffers (the only values tracing reads)."""
+    with torch.device("meta"):
         model = PipoModel(cfg)
-    _bind(model, tensors, dtype, Path(path))
-    return model.to(dtype).eval()
+    model.model.rotary_emb = Qwen3_5TextRotaryEmbedding(config=cfg.text)
+    return model.eval()
+
+
+def expected_shapes(model: PipoModel) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape a checkpoint must provide (a tied lm_head is not stored)."""
+    tied = model.config.text.tie_word_embeddings
+    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
+            if not (tied and n == LM_HEAD)}
+
+
+def infer_compressor(cfg: PipoConfig, names: set[str]) -> CompressorType:
+    if cfg.compressor_type is not None:
+        return cfg.compressor_type
+    if "compressor.mlp.0.weight" in names:
+        return CompressorType.MLP
+    if "compressor.linear.weight" in names:
+        return CompressorType.LINEAR
+    raise CheckpointError("config.json has no compressor_type and the weights hold neither "
+                          "compressor.mlp.* nor compressor.linear.*")
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def check_source(cfg: PipoConfig, source: TensorSource, where) -> PipoModel:
+    """Names and shapes of `source` against the config (no tensor is read, except a stored
+    lm_head of a tied model, which must equal the embedding). -> the meta skeleton."""
+    names = set(source.names())
+    missing_modules = [m for m in PIPO_MODULES if not any(n.startswith(m + ".") for n in names)]
+    if missing_modules:
+        plain = " (this looks like a plain Qwen3.5 checkpoint)" if len(missing_modules) == 3 else ""
+        raise CheckpointError(f"{where}: missing PIPO modules {', '.join(missing_modules)}{plain}; "
+                              "a PIPO checkpoint also holds compressor.*, mtp.* and "
+                              "confidence_head.* (or pass the released adapter folder with --base)")
+    cfg.compressor_type = infer_compressor(cfg, names)
+    model = skeleton(cfg)
+    expected = expected_shapes(model)
+    if cfg.text.tie_word_embeddings and LM_HEAD in names:
+        names.discard(LM_HEAD)
+        if not torch.equal(source.get(LM_HEAD), source.get(EMBED)):
+            raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight "
+                                  "differs from model.embed_tokens.weight; set "
+                                  "tie_word_embeddings false")
+    missing = sorted(expected.keys() - names)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {_listing(missing)}")
+    unused = sorted(names - expected.keys())
+    if unused:
+        raise CheckpointError(f"{where}: tensors left unused (not part of a PIPO model with this "
+                              f"config): {_listing(unused)}")
+    for name in sorted(expected):
+        if tuple(source.shape(name)) != expected[name]:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(source.shape(name))}, "
+                                  f"expected {expected[name]} from config.json")
+    return model
+
+
+def open_checkpoint(path: str | Path, base: str | Path | None = None
+                    ) -> tuple[PipoConfig, TensorSource, CheckpointLayout]:
+    """A checkpoint folder, or a PEFT adapter folder over `base` -> (config, source, layout),
+    names and shapes checked, no weight read."""
+    from pipo_export.model.adapters import is_adapter_folder, open_adapter
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if is_adapter_folder(folder):
+        cfg, source = open_adapter(folder, base)
+        files_of = source.base
+    else:
+        if base is not None:
+            raise CheckpointError(f"{folder} is not an adapter folder (no adapter_config.json); "
+                                  "--base is only for PEFT adapters")
+        cfg = load_config(folder)
+        source = files_of = SafetensorsSource.open(folder)
+    check_source(cfg, source, folder)
+    layout = CheckpointLayout(
+        folder=files_of.folder, weight_files=files_of.files, key_prefix=files_of.key_prefix,
+        config_layout=cfg.config_layout, tied_lm_head=bool(cfg.text.tie_word_embeddings),
+        weight_dtypes=files_of.stored_dtypes(), ignored_keys=files_of.ignored,
+        adapter=folder if files_of is not source else None)
+    return cfg, source, layout
+
+
+def materialize(module: torch.nn.Module, source: TensorSource, dtype: torch.dtype,
+                prefix: str = "") -> torch.nn.Module:
+    """Give every parameter of `module` (meta or not) its tensor `prefix + name` from `source`,
+    in `dtype`, one tensor at a time. Tied parameters are read once."""
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        value = source.get(prefix + name).to(dtype)
+        setattr(target, leaf, torch.nn.Parameter(value, requires_grad=False))
+    return module
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
+                    base: str | Path | None = None) -> PipoModel:
+    """Load a PIPO checkpoint (or adapter + base) into an eval-mode PipoModel of `dtype`."""
+    cfg, source, _ = open_checkpoint(path, base)
+    model = materialize(skeleton(cfg), source, dtype)
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

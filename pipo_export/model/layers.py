@@ -29,12 +29,40 @@ def _reference_recurrent(q, k, v, g, beta, state):
                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
 
 
+def conv_prefill(mixed: torch.Tensor, weight: torch.Tensor, n_valid: torch.Tensor):
+    """Depthwise causal conv + SiLU over a right-padded prompt from an empty window.
+
+    mixed [B, C, L]; weight [C, 1, K]; n_valid [B] -> out [B, C, L], window [B, C, K-1] (the
+    last K-1 inputs before each row's n_valid, zeros before the start)."""
+    kk = weight.shape[-1]
+    padded = F.pad(mixed, (kk - 1, 0))  # [B, C, K-1+L]
+    out = F.silu(F.conv1d(padded, weight, groups=mixed.shape[1]))  # [B, C, L]
+    cols = n_valid[:, None] + torch.arange(kk - 1, device=mixed.device)[None]  # [B, K-1]
+    window = torch.gather(padded, 2, cols[:, None, :].expand(-1, mixed.shape[1], -1))
+    return out, window
+
+
+def conv_step(mixed: torch.Tensor, window: torch.Tensor, weight: torch.Tensor):
+    """One step of the causal conv + SiLU. mixed [B, C, 1], window [B, C, K-1], weight
+    [C, 1, K] -> out [B, C, 1], new window [B, C, K-1]."""
+    full = torch.cat([window, mixed.to(window.dtype)], dim=-1)  # [B, C, K]
+    return F.silu((full * weight[:, 0, :]).sum(-1, keepdim=True)), full[:, :, 1:]
+
+
 @dataclass
 class Kernels:
-    """Swappable implementations of the sequence mixers (reference or a target's lowering)."""
+    """Swappable implementations of the sequence mixers and attention (the torch reference, or
+    a target's lowering: pipo_export.export.lowering). Signatures are those of the defaults."""
 
+    attention: Callable = None  # set below: gated GQA attention over cache + new tokens
+    conv_prefill: Callable = conv_prefill
+    conv_step: Callable = conv_step
     chunk_rule: Callable = _reference_chunk
     recurrent_rule: Callable = _reference_recurrent
+
+    def __post_init__(self):
+        if self.attention is None:
+            self.attention = attention
 
 
 def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -107,12 +135,8 @@ def gdn_prefill(gdn, x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor
     Positions past n_valid get beta = 0 and g = 0, so they leave the recurrent state unchanged.
     -> out [B, L, H], conv window [B, C, K-1] (inputs before n_valid), state [B, Hv, Dk, Dv].
     """
-    kk = gdn.conv_kernel_size
     mixed, z, beta, g = _gdn_project(gdn, x)
-    padded = F.pad(mixed, (kk - 1, 0))  # [B, C, K-1+L]
-    conv = F.silu(F.conv1d(padded, gdn.conv1d.weight, groups=mixed.shape[1]))  # [B, C, L]
-    cols = n_valid[:, None] + torch.arange(kk - 1, device=x.device)[None]  # [B, K-1]
-    window = torch.gather(padded, 2, cols[:, None, :].expand(-1, mixed.shape[1], -1))
+    conv, window = kernels.conv_prefill(mixed, gdn.conv1d.weight, n_valid)
     keep = valid[..., None]
     beta = torch.where(keep, beta, torch.zeros_like(beta))
     g = torch.where(keep, g, torch.zeros_like(g))
@@ -124,10 +148,9 @@ def gdn_decode(gdn, x: torch.Tensor, window: torch.Tensor, state: torch.Tensor, 
     """One Gated DeltaNet step. x [B, 1, H]; window [B, C, K-1]; state [B, Hv, Dk, Dv]
     -> out [B, 1, H], new window, new state."""
     mixed, z, beta, g = _gdn_project(gdn, x)
-    full = torch.cat([window, mixed.to(window.dtype)], dim=-1)  # [B, C, K]
-    conv = F.silu((full * gdn.conv1d.weight[:, 0, :]).sum(-1, keepdim=True))  # [B, C, 1]
+    conv, window = kernels.conv_step(mixed, window, gdn.conv1d.weight)
     out, state = _gdn_output(gdn, conv, z, kernels.recurrent_rule, g, beta, state)
-    return out, full[:, :, 1:], state
+    return out, window, state
 
 
 def mlp_block(layer, x: torch.Tensor) -> torch.Tensor:

@@ -6,59 +6,72 @@ MTP or confidence head. It keeps the pair contract so the same runtimes drive it
 always PAD (never committed), `confidence` is SKIPPED_CONFIDENCE, and each cache slot holds one
 token instead of one pair (the `past_pairs` dim counts tokens). The backbone was trained on pair
 latents, so its regular-mode tokens are not meaningful text; timings and memory traffic are.
+It overrides only the embed and head pieces: the layers are PipoStep's.
 """
 from __future__ import annotations
 
 import torch
 
-from pipo_graphs.contract import SKIPPED_CONFIDENCE
+from pipo_graphs.contract import SKIPPED_CONFIDENCE, Mode
 
-from pipo_export.model.steps import PipoStep, States, _take
-from pipo_graphs.contract import Mode
+from pipo_export.model.layers import rope
 from pipo_export.model.sampling import add_tokens, sample
+from pipo_export.model.steps import PipoStep, States, take
 
 
 class RegularStep(PipoStep):
-    """prefill/decode with PipoStep's signatures; states lack mtp_key/mtp_value."""
+    """PipoStep's pieces for one token per step; states lack mtp_key/mtp_value."""
 
-    def _emit(self, token, b, device):
-        pad = torch.full((b,), self.pad_id, dtype=torch.long, device=device)
-        conf = torch.full((b,), SKIPPED_CONFIDENCE, dtype=torch.float32, device=device)
+    mtp = False
+
+    def _emit(self, token):
+        pad = torch.full_like(token, self.pad_id)
+        conf = torch.full(token.shape, SKIPPED_CONFIDENCE, dtype=torch.float32,
+                          device=token.device)
         return torch.stack([token, pad], dim=1), conf
 
-    def prefill(self, input_ids, lengths, sp: dict[str, torch.Tensor], uniforms):
-        """input_ids [B, T] (PAD after each row's length), lengths [B] >= 1, sp [B],
-        uniforms [B, 2] -> pair [B, 2] (token, PAD), confidence [B] (-1), states (T slots)."""
+    def prefill_embed(self, input_ids, lengths):
+        """input_ids [B, T], lengths [B] -> embeds [B, T, H], valid [B, T], n_valid = lengths,
+        cos/sin [B, T, rot] (one slot per token)."""
         b, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
-        valid = positions < lengths[:, None]  # [B, T]
-        embeds = self.model.model.embed_tokens(input_ids)  # [B, T, H]
-        hidden, states, _ = self._backbone(embeds, positions, valid, None, valid, lengths)
+        x = self.model.model.embed_tokens(input_ids)
+        cos, sin = rope(self.model.model.rotary_emb.inv_freq, positions, x.dtype)
+        return x, positions < lengths[:, None], lengths.clone(), cos, sin
+
+    def prefill_head(self, hidden, input_ids, lengths, valid, n_valid, cos, sin, sp, uniforms):
+        """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states."""
+        b = input_ids.shape[0]
+        hidden = self.model.model.norm(hidden)
         prompt_tokens = torch.where(valid, input_ids, torch.full_like(input_ids, self.pad_id))
         prompt_mask = add_tokens(torch.zeros(b, self.model.config.vocab_size, dtype=torch.bool,
                                              device=input_ids.device), prompt_tokens, self.pad_id)
         output_mask = torch.zeros_like(prompt_mask)
-        token = sample(self.model.lm_head(_take(hidden, lengths - 1)), sp, prompt_mask,
+        token = sample(self.model.lm_head(take(hidden, lengths - 1)), sp, prompt_mask,
                        output_mask, uniforms[:, 0], self.sample_cap)
-        states.update(attention_mask=valid, position=lengths.clone(), prompt_mask=prompt_mask,
-                      output_mask=add_tokens(output_mask, token[:, None], self.pad_id))
-        return (*self._emit(token, b, input_ids.device), states)
+        states = {"attention_mask": valid, "position": n_valid, "prompt_mask": prompt_mask,
+                  "output_mask": add_tokens(output_mask, token[:, None], self.pad_id)}
+        return (*self._emit(token), states)
 
-    def decode(self, input_pair, past: States, sp: dict[str, torch.Tensor], uniforms):
-        """input_pair [B, 2] (the token emitted last, PAD), past states, sp [B], uniforms [B, 2]
-        -> pair [B, 2] (token, PAD), confidence [B] (-1), states (one more slot)."""
+    def decode_embed(self, input_pair, attention_mask, position):
+        """input_pair [B, 2] (the token emitted last, PAD) -> embeds [B, 1, H], mask [B, P+1],
+        cos/sin [B, 1, rot]."""
         b = input_pair.shape[0]
-        position = past["position"]  # [B]
-        mask = torch.cat([past["attention_mask"], torch.ones(b, 1, dtype=torch.bool,
-                                                             device=input_pair.device)], dim=1)
-        embeds = self.model.model.embed_tokens(input_pair[:, :1])  # [B, 1, H]
-        hidden, states, _ = self._backbone(embeds, position[:, None], mask, past)
+        mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool,
+                                                     device=input_pair.device)], dim=1)
+        x = self.model.model.embed_tokens(input_pair[:, :1])
+        cos, sin = rope(self.model.model.rotary_emb.inv_freq, position[:, None], x.dtype)
+        return x, mask, cos, sin
+
+    def decode_head(self, hidden, mask, position, cos, sin, past: States, sp, uniforms):
+        """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states (one more slot)."""
+        hidden = self.model.model.norm(hidden)
         token = sample(self.model.lm_head(hidden[:, 0]), sp, past["prompt_mask"],
                        past["output_mask"], uniforms[:, 0], self.sample_cap)
-        states.update(attention_mask=mask, position=position + 1,
-                      prompt_mask=past["prompt_mask"].clone(),
-                      output_mask=add_tokens(past["output_mask"], token[:, None], self.pad_id))
-        return (*self._emit(token, b, input_pair.device), states)
+        states = {"attention_mask": mask, "position": position + 1,
+                  "prompt_mask": past["prompt_mask"].clone(),
+                  "output_mask": add_tokens(past["output_mask"], token[:, None], self.pad_id)}
+        return (*self._emit(token), states)
 
 
 def step_class(mode: Mode) -> type[PipoStep]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipo_export.export.validate import near_tie_tokens
+from pipo_export.export.ties import near_tie_tokens
 
 PAD = 9
 
@@ -38,3 +38,95 @@ def test_gate_near_threshold_accepted():
     ref, got = np.array([[1, PAD]]), np.array([[1, 1]])  # token2 kept vs dropped
     assert near_tie_tokens(calls, got, ref, np.array([0.50001]), np.array([0.5]), PAD, eps=1e-3)
     assert not near_tie_tokens(calls, got, ref, np.array([0.6]), np.array([0.5]), PAD, eps=1e-3)
+
+
+# -- the export's own validation: passes honest exports, fails real bugs --------------------
+import pytest  # noqa: E402
+
+from pipo_export import ExportError  # noqa: E402
+from pipo_export.export import pipeline  # noqa: E402
+from pipo_export.export.lowering import Lowering, lowering_for  # noqa: E402
+from pipo_export.model.layers import attention  # noqa: E402
+from pipo_export.model.synthetic import TINY_TEXT_CONFIG, TinyLayout, write_tiny_checkpoint  # noqa: E402
+
+from conftest import TINY_REF, export_folder  # noqa: E402
+
+
+class _View:
+    """A TensorSource view whose get() the test rewrites (the bug being injected)."""
+
+    def __init__(self, source, get):
+        self.source, self._get = source, get
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def get(self, name):
+        return self._get(self.source, name)
+
+
+def _inject_weights(monkeypatch, get):
+    """Make the export write weights through `get` (validation still reads the checkpoint)."""
+    real = pipeline.write_weights
+    monkeypatch.setattr(pipeline, "write_weights",
+                        lambda source, *a, **k: real(_View(source, get), *a, **k))
+
+
+def _noisy(source, name):
+    t = source.get(name)
+    if t.is_floating_point() and t.ndim == 2:
+        g = torch.Generator().manual_seed(len(name))
+        t = t * (1 + 0.01 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return t
+
+
+def _swapped(source, name):
+    """Layers 0 and 1 (both Gated DeltaNet in pipo-tiny-ref) trade weights."""
+    for a, b in (("model.layers.0.", "model.layers.1."), ("model.layers.1.", "model.layers.0.")):
+        if name.startswith(a):
+            return source.get(b + name[len(a):])
+    return source.get(name)
+
+
+@pytest.mark.parametrize("bug", ["one-percent-weight-noise", "two-layers-swapped"])
+def test_validation_fails_on_wrong_weights(tmp_path, monkeypatch, trace_cache, bug):
+    _inject_weights(monkeypatch, _noisy if bug.startswith("one") else _swapped)
+    with pytest.raises(ExportError, match="validation failed"):
+        export_folder(tmp_path / "out", TINY_REF, trace_cache)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def _interleaved_rope_attention(attn, x, cos, sin, past_k, past_v, mask):
+    """The classic RoPE bug: cos/sin tables laid out for interleaved pairs, used with the
+    rotate-half rotation Qwen3.5 uses."""
+    half = cos.shape[-1] // 2
+    return attention(attn, x, cos[..., :half].repeat_interleave(2, -1),
+                     sin[..., :half].repeat_interleave(2, -1), past_k, past_v, mask)
+
+
+def test_validation_fails_on_a_wrong_rotary_layout(tmp_path, monkeypatch, trace_cache):
+    good = lowering_for("tensorrt")
+    from dataclasses import replace
+    bad = Lowering("standard-interleaved-rope-bug",
+                   replace(good.kernels, attention=_interleaved_rope_attention))
+    monkeypatch.setattr(pipeline, "lowering_for", lambda target: bad)
+    with pytest.raises(ExportError, match="validation failed"):
+        export_folder(tmp_path / "out", TINY_REF, trace_cache, target="tensorrt")
+
+
+MROPE_SIX_LAYERS = dict(
+    TINY_TEXT_CONFIG, num_hidden_layers=6, head_dim=32,
+    layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+
+
+def test_validation_passes_a_layout_no_other_test_uses(tmp_path, trace_cache):
+    """6 layers, linear compressor, mrope rope parameters, multimodal config: the layout whose
+    correct export the old float64-vs-export validation refused (present.key.4 off by 6e-4)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", TinyLayout(multimodal=True, compressor="linear"),
+                                 seed=5, text_config=MROPE_SIX_LAYERS)
+    out = export_folder(tmp_path / "out", ckpt, trace_cache)
+    import json
+    v = json.loads((out / "manifest.json").read_text())["export"]["validation"]
+    assert v["compared"] > 6 * 2 * 3 and v["worst"]["error"] <= v["worst"]["limit"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan
 
+from pipo_export.export.lowering import Lowering
 from pipo_export.model.layers import Kernels
 
 CHUNK = 64
@@ -128,3 +129,4 @@ def chunk_rule_scan(q, k, v, g, beta):
 
 
 STANDARD_KERNELS = Kernels(chunk_rule=chunk_rule_scan, recurrent_rule=recurrent_step)
+LOWERING = Lowering("standard", STANDARD_KERNELS)  # standard ONNX ops only (TensorRT-clean)

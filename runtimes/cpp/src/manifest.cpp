@@ -120,7 +120,7 @@ Manifest load_manifest(const std::string& folder, bool verify_files) {
                                    "manifest.model.eos_token_ids");
 
   const Json& exp = doc.at("export", "manifest");
-  require(exp, {"target", "dtype", "opset", "sample_cap", "mtp_context", "tool_versions"},
+  require(exp, {"target", "dtype", "opset", "sample_cap", "tool_versions"},
           "manifest.export");
   require_enum(exp, "target", {"onnxruntime", "tensorrt"}, "manifest.export");
   require_enum(exp, "dtype", {"float32", "float16", "bfloat16"}, "manifest.export");

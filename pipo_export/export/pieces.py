@@ -1,0 +1,267 @@
+"""The traced pieces of the two graphs (declarative I/O, optimum style).
+
+A graph is `embed` -> one `layer` per decoder layer -> `head`. Each piece is traced once, the
+layer pieces once per layer type whatever the depth, so tracing time does not grow with the
+number of layers. Weights are piece *inputs* named ``w:<parameter>``: the tracer cannot fold them
+into constants, and one traced layer serves every layer of its type; the assembler binds them to
+the checkpoint's tensors (`Piece.global_name`).
+
+Piece inputs and outputs are named by the values they carry between pieces: graph inputs by
+their contract names (``input_ids``, ``past.key``, ...), the rest ``x`` (hidden states),
+``valid``/``mask``, ``n_valid``, ``cos``, ``sin``; layer states by kind (``key``, ``conv``, ...)
+and head states by name (``mtp_key``, ``output_mask``, ...). Symbolic dims: batch,
+prompt_tokens (= 2 * prompt_pairs), prompt_pairs, past_pairs, "past_pairs + 1".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipo_graphs.contract import CONFIDENCE, PAIR, PAST, SAMPLING_INPUTS, UNIFORMS
+
+from pipo_export.export.io_spec import TensorSpec
+from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, PipoStep, layer_decode, \
+    layer_prefill
+
+EXAMPLE_BATCH = 2
+EXAMPLE_PROMPT_PAIRS = 130  # three 64-pair chunks: a one-chunk example would specialize the length
+EXAMPLE_PAST_PAIRS = 7
+WEIGHT = "w:"  # prefix of weight inputs
+SAMPLING = tuple(n for n, _ in SAMPLING_INPUTS)
+EMBED_PARAMS = ("model.model.embed_tokens.", "model.compressor.")
+HEAD_PARAMS = ("model.model.norm.", "model.model.embed_tokens.", "model.lm_head.", "model.mtp.",
+               "model.confidence_head.")
+
+
+@dataclass
+class Piece:
+    """fn(owner, *inputs) -> outputs, traced with `owner`'s parameters `params` as extra weight
+    inputs. layer_prefix: the parameters are relative to model.layers.{i}."""
+
+    name: str
+    owner: nn.Module
+    fn: Callable
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example: Callable[[], tuple]
+    params: tuple[str, ...]
+    layer_prefix: bool = False
+
+    def global_name(self, param: str, layer: int | None = None) -> str:
+        """Checkpoint (PipoModel) name of a parameter of this piece's owner."""
+        if self.layer_prefix:
+            return f"model.layers.{layer}.{param[len('layer.'):]}"
+        return param[len("model."):]
+
+
+class LayerOwner(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+
+def _params(owner: nn.Module, prefixes: tuple[str, ...] = ("",)) -> tuple[str, ...]:
+    return tuple(n for n, _ in owner.named_parameters() if n.startswith(prefixes))
+
+
+class PieceSet:
+    """Every piece of one export, around a PipoStep (or RegularStep) whose parameters may be on
+    the meta device: tracing reads only shapes and buffers."""
+
+    def __init__(self, step: PipoStep, dtype: torch.dtype):
+        self.step, self.dtype = step, dtype
+        self.dt = str(dtype).replace("torch.", "")
+        cfg = step.model.config.text
+        self.h, self.vocab = cfg.hidden_size, cfg.vocab_size
+        self.kv, self.hd = cfg.num_key_value_heads, cfg.head_dim
+        self.rot = step.model.model.rotary_emb.inv_freq.shape[0] * 2
+        self.slots = "prompt_pairs" if step.mtp else "prompt_tokens"
+        self.gen = torch.Generator().manual_seed(0)
+
+    # -- examples -------------------------------------------------------------------------
+    def _rand(self, *shape, dtype=None) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(dtype or self.dtype)
+
+    def _prompt(self):
+        """input_ids [B, T], lengths [B] (mixed, one odd), T spanning three delta-rule chunks."""
+        b, t = EXAMPLE_BATCH, 2 * EXAMPLE_PROMPT_PAIRS
+        ids = torch.randint(0, self.vocab, (b, t), generator=self.gen)
+        return ids, torch.tensor([t - 1 - (t // 2 * i) // b for i in range(b)])
+
+    def _embedded(self):
+        """Example embed outputs of a prefill: x, valid, n_valid, cos, sin."""
+        ids, lengths = self._prompt()
+        n = ids.shape[1] // (2 if self.step.mtp else 1)
+        n_valid = (lengths + 1) // 2 if self.step.mtp else lengths
+        valid = torch.arange(n)[None] < n_valid[:, None]
+        return ids, lengths, (self._rand(ids.shape[0], n, self.h), valid, n_valid,
+                              self._rand(ids.shape[0], n, self.rot), self._rand(ids.shape[0], n, self.rot))
+
+    def _past_mask(self, b: int, p: int) -> torch.Tensor:
+        mask = torch.ones(b, p, dtype=torch.bool)
+        mask[-1, p // 2:] = False
+        return mask
+
+    def _sampling(self, b: int) -> list[torch.Tensor]:
+        vals = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.0,
+                "presence_penalty": 0.5, "repetition_penalty": 1.1, "threshold": 0.5}
+        out = [torch.full((b,), vals[n], dtype=getattr(torch, dt)) for n, dt in SAMPLING_INPUTS]
+        return out + [torch.rand(b, 2, generator=self.gen)]
+
+    def state_spec(self, layer, kind: str, slots: str = "past_pairs") -> TensorSpec:
+        """A layer state's spec: key/value [B, Hkv, slots, D], conv [B, C, K-1], recurrent
+        [B, Hv, Dk, Dv] float32."""
+        if kind in ("key", "value"):
+            return TensorSpec(kind, self.dt, ("batch", self.kv, slots, self.hd))
+        lin = layer.linear_attn
+        if kind == "conv":
+            return TensorSpec(kind, self.dt, ("batch", lin.conv_dim, lin.conv_kernel_size - 1))
+        return TensorSpec(kind, "float32", ("batch", lin.num_v_heads, lin.head_k_dim,
+                                            lin.head_v_dim))
+
+    def _state_example(self, spec: TensorSpec, b: int, p: int) -> torch.Tensor:
+        shape = [b if d == "batch" else p if d == "past_pairs" else d for d in spec.shape]
+        return self._rand(*shape, dtype=getattr(torch, spec.dtype))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def layer_pieces(self, layer) -> tuple[Piece, Piece]:
+        """(prefill piece, decode piece) of `layer`'s type, traced from `layer`."""
+        owner, kinds, k = LayerOwner(layer), LAYER_STATES[layer.block_type], self.step.kernels
+        params, dt, slots, b = _params(owner), self.dt, self.slots, EXAMPLE_BATCH
+
+        def prefill(o, x, valid, n_valid, cos, sin):
+            x, st = layer_prefill(o.layer, x, valid, n_valid, cos, sin, k)
+            return (x, *[st[s] for s in kinds])
+
+        def decode(o, x, mask, cos, sin, *past):
+            x, st = layer_decode(o.layer, x, mask, cos, sin, dict(zip(kinds, past)), k)
+            return (x, *[st[s] for s in kinds])
+
+        def decode_example():
+            p = EXAMPLE_PAST_PAIRS
+            return (self._rand(b, 1, self.h), self._past_mask(b, p + 1),
+                    self._rand(b, 1, self.rot), self._rand(b, 1, self.rot),
+                    *[self._state_example(self.state_spec(layer, s), b, p) for s in kinds])
+
+        hidden = lambda n: TensorSpec("x", dt, ("batch", n, self.h))  # noqa: E731
+        rope_in = lambda n: (TensorSpec("cos", dt, ("batch", n, self.rot)),  # noqa: E731
+                             TensorSpec("sin", dt, ("batch", n, self.rot)))
+        pre = Piece(f"prefill.{layer.block_type}", owner, prefill,
+                    (hidden(slots), TensorSpec("valid", "bool", ("batch", slots)),
+                     TensorSpec("n_valid", "int64", ("batch",))) + rope_in(slots),
+                    (hidden(slots),) + tuple(self.state_spec(layer, s, slots) for s in kinds),
+                    lambda: self._embedded()[2], params, layer_prefix=True)
+        dec = Piece(f"decode.{layer.block_type}", owner, decode,
+                    (hidden(1), TensorSpec("mask", "bool", ("batch", "past_pairs + 1")))
+                    + rope_in(1) + tuple(self.state_spec(layer, s).rename(PAST + s)
+                                         for s in kinds),
+                    (hidden(1),) + tuple(self.state_spec(layer, s, "past_pairs + 1")
+                                         for s in kinds),
+                    decode_example, params, layer_prefix=True)
+        return pre, dec
+
+    def _head_state_specs(self, slots: str) -> tuple[TensorSpec, ...]:
+        kv = ("batch", self.kv, slots, self.hd)
+        mtp = (TensorSpec("mtp_key", self.dt, kv), TensorSpec("mtp_value", self.dt, kv)) \
+            if self.step.mtp else ()
+        return mtp + (TensorSpec("attention_mask", "bool", ("batch", slots)),
+                      TensorSpec("position", "int64", ("batch",)),
+                      TensorSpec("prompt_mask", "bool", ("batch", self.vocab)),
+                      TensorSpec("output_mask", "bool", ("batch", self.vocab)))
+
+    def _sampling_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(n, dt, ("batch",)) for n, dt in SAMPLING_INPUTS) + (
+            TensorSpec(UNIFORMS, "float32", ("batch", 2)),)
+
+    def prefill_pieces(self) -> tuple[Piece, Piece]:
+        """(embed, head) of the prefill graph."""
+        step, dt, slots = self.step, self.dt, self.slots
+        names = [s.name for s in self._head_state_specs(slots)]
+        embed_out = (TensorSpec("x", dt, ("batch", slots, self.h)),
+                     TensorSpec("valid", "bool", ("batch", slots)),
+                     TensorSpec("n_valid", "int64", ("batch",)),
+                     TensorSpec("cos", dt, ("batch", slots, self.rot)),
+                     TensorSpec("sin", dt, ("batch", slots, self.rot)))
+        prompt = (TensorSpec("input_ids", "int64", ("batch", "prompt_tokens")),
+                  TensorSpec("lengths", "int64", ("batch",)))
+
+        def head(o, x, input_ids, lengths, valid, n_valid, cos, sin, *rest):
+            sp = dict(zip(SAMPLING, rest[:-1]))
+            pair, conf, st = o.prefill_head(x, input_ids, lengths, valid, n_valid, cos, sin, sp,
+                                            rest[-1])
+            return (pair, conf, *[st[n] for n in names])
+
+        def head_example():
+            ids, lengths, (x, valid, n_valid, cos, sin) = self._embedded()
+            return (x, ids, lengths, valid, n_valid, cos, sin, *self._sampling(ids.shape[0]))
+
+        embed = Piece("prefill.embed", step, lambda o, ids, lengths: o.prefill_embed(ids, lengths),
+                      prompt, embed_out, self._prompt, _params(step, EMBED_PARAMS))
+        head_piece = Piece(
+            "prefill.head", step, head,
+            (embed_out[0],) + prompt + embed_out[1:] + self._sampling_specs(),
+            (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
+            + self._head_state_specs(slots), head_example, _params(step, HEAD_PARAMS))
+        return embed, head_piece
+
+    def decode_pieces(self) -> tuple[Piece, Piece]:
+        """(embed, head) of the decode graph."""
+        step, dt, b, p = self.step, self.dt, EXAMPLE_BATCH, EXAMPLE_PAST_PAIRS
+        past_specs = [s.rename(PAST + s.name) for s in self._head_state_specs("past_pairs")]
+        past_in = {s.name: s for s in past_specs}
+        head_past = [s for s in past_specs if s.name not in (PAST + "attention_mask",
+                                                            PAST + "position")]
+        names = [s.name for s in self._head_state_specs("past_pairs + 1")]
+        rope_out = (TensorSpec("cos", dt, ("batch", 1, self.rot)),
+                    TensorSpec("sin", dt, ("batch", 1, self.rot)))
+        embed_out = (TensorSpec("x", dt, ("batch", 1, self.h)),
+                     TensorSpec("mask", "bool", ("batch", "past_pairs + 1"))) + rope_out
+
+        def embed_example():
+            ids = torch.randint(0, self.vocab, (b, 2), generator=self.gen)
+            return ids, self._past_mask(b, p), torch.tensor([p, p // 2])
+
+        def head(o, x, mask, position, cos, sin, *rest):
+            past = {s.name[len(PAST):]: t for s, t in zip(head_past, rest)}
+            sampling = rest[len(head_past):]
+            pair, conf, st = o.decode_head(x, mask, position, cos, sin, past,
+                                           dict(zip(SAMPLING, sampling[:-1])), sampling[-1])
+            return (pair, conf, *[st[n] for n in names])
+
+        def head_example():
+            _, mask, position = embed_example()
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1)
+            past = []
+            for s in head_past:
+                if s.dtype == "bool":
+                    past.append(torch.rand(b, self.vocab, generator=self.gen) < 0.01)
+                else:
+                    past.append(self._state_example(s, b, p))
+            return (self._rand(b, 1, self.h), mask, position, self._rand(b, 1, self.rot),
+                    self._rand(b, 1, self.rot), *past, *self._sampling(b))
+
+        embed = Piece("decode.embed", step,
+                      lambda o, pair, mask, position: o.decode_embed(pair, mask, position),
+                      (TensorSpec("input_pair", "int64", ("batch", 2)),
+                       past_in[PAST + "attention_mask"], past_in[PAST + "position"]),
+                      embed_out, embed_example, _params(step, EMBED_PARAMS))
+        head_piece = Piece(
+            "decode.head", step, head,
+            (embed_out[0], embed_out[1], past_in[PAST + "position"]) + rope_out
+            + tuple(head_past) + self._sampling_specs(),
+            (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
+            + self._head_state_specs("past_pairs + 1"), head_example, _params(step, HEAD_PARAMS))
+        return embed, head_piece
+
+    def layer_types(self) -> dict[str, nn.Module]:
+        """One representative layer per layer type (first occurrence)."""
+        out = {}
+        for layer in self.step.layers:
+            out.setdefault(layer.block_type, layer)
+        return out
+
+
+__all__ = ["Piece", "PieceSet", "FULL_ATTENTION", "WEIGHT"]

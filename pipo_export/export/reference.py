@@ -1,0 +1,103 @@
+"""Per-piece torch references for validation, built one piece at a time from the checkpoint.
+
+A reference never holds the whole model: a layer reference materializes that layer's weights
+only; the embed/head reference holds the small head modules plus the embedding and lm_head in
+their stored export dtype, upcast chunk by chunk when used (a 248K x 4096 float64 copy would be
+8 GB). Weights are the export's: the checkpoint tensor cast to the export dtype, then to the
+reference's compute dtype, so a comparison measures the graph's arithmetic, not weight rounding.
+The reference kernels are the torch ones (transformers' delta rule, plain attention and conv),
+whatever lowering the export used.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipo_graphs.contract import Mode
+
+from pipo_export.export.pieces import LayerOwner, PieceSet
+from pipo_export.model.checkpoint import materialize, skeleton
+from pipo_export.model.config import PipoConfig
+from pipo_export.model.layers import Kernels
+from pipo_export.model.regular import step_class
+from pipo_export.model.source import TensorSource
+
+CHUNK_ROWS = 8192  # lm_head rows upcast at a time
+
+
+class UpcastEmbedding(nn.Module):
+    """Embedding whose weight stays in its stored dtype; looked-up rows are cast to `dtype`."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.dtype = weight, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., H] in `dtype`."""
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+
+class UpcastLinear(nn.Module):
+    """x @ W.T in x's dtype with W kept in its stored dtype, CHUNK_ROWS output rows at a time."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., V]."""
+        return torch.cat([x @ w.to(x.dtype).T for w in self.weight.split(CHUNK_ROWS)], dim=-1)
+
+
+class _Cast:
+    """A TensorSource view: every tensor cast to the export dtype, then to `dtype`."""
+
+    def __init__(self, source: TensorSource, export_dtype: torch.dtype, dtype: torch.dtype):
+        self.source, self.export_dtype, self.dtype = source, export_dtype, dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(name).to(self.export_dtype).to(self.dtype)
+
+
+class References:
+    """Reference pieces (torch kernels) in a compute dtype, weights read on demand."""
+
+    HEAD_MODULES = ("model.norm", "compressor", "mtp", "confidence_head")
+
+    def __init__(self, cfg: PipoConfig, source: TensorSource, mode: Mode,
+                 export_dtype: torch.dtype, dtype: torch.dtype):
+        self.cfg, self.source, self.dtype = cfg, source, dtype
+        self.cast = _Cast(source, export_dtype, dtype)
+        self.export_dtype = export_dtype
+        self.meta = skeleton(cfg)
+        self.mode = Mode(mode)
+        self._step = None
+
+    def layer(self, index: int) -> LayerOwner:
+        """Layer `index` with its weights, as the owner its pieces take."""
+        layer = copy.deepcopy(self.meta.model.layers[index])
+        materialize(layer, self.cast, self.dtype, prefix=f"model.layers.{index}.")
+        return LayerOwner(layer)
+
+    def step(self):
+        """The embed/head owner: a PipoStep (RegularStep) with the head modules materialized."""
+        if self._step is None:
+            model = copy.deepcopy(self.meta)
+            model.model.layers = nn.ModuleList()  # the references never run layers here
+            for name in self.HEAD_MODULES:
+                materialize(model.get_submodule(name), self.cast, self.dtype, prefix=name + ".")
+            embed = self.source.get("model.embed_tokens.weight").to(self.export_dtype)
+            model.model.embed_tokens = UpcastEmbedding(embed, self.dtype)
+            head = embed if self.cfg.text.tie_word_embeddings else \
+                self.source.get("lm_head.weight").to(self.export_dtype)
+            model.lm_head = UpcastLinear(head)
+            self._step = step_class(self.mode)(model, kernels=Kernels())
+        return self._step
+
+    def pieces(self, sample_cap: int) -> PieceSet:
+        """Piece functions (I/O as the traced ones) over the reference kernels."""
+        step = step_class(self.mode)(self.meta, kernels=Kernels(), sample_cap=sample_cap)
+        return PieceSet(step, self.dtype)
