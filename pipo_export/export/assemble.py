@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from pipo_export.errors import ExportError
 from pipo_export.export.io_spec import GraphSpec, TensorSpec
-from pipo_export.export.pieces import WEIGHT, Piece
+from pipo_export.export.pieces import TRANSPOSED, WEIGHT, WEIGHT_T, Piece
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
                "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64,
@@ -89,8 +89,8 @@ class GraphAssembler:
                 raise ExportError(f"{piece.name}: input {spec.name} needs value {key}, which no "
                                   "earlier piece produced")
             mapping[vi.name] = self.values[key]
-        for param, vi in zip(piece.params, graph.input[n_in:]):
-            mapping[vi.name] = self._weight(piece.global_name(param, layer))
+        for name, vi in zip(weight_names(piece, proto, layer), graph.input[n_in:]):
+            mapping[vi.name] = self._weight(name)
         constants = {init.name for init in graph.initializer}
         for name in constants:
             mapping[name] = f"{piece.name}/{name}"
@@ -158,9 +158,12 @@ class GraphAssembler:
         return model
 
 
-def used_weights(piece: Piece, layers: list[int] | None) -> list[str]:
-    """Checkpoint names of the weights a piece reads, for each of its layer instances."""
-    return [piece.global_name(p, layer) for layer in (layers or [None]) for p in piece.params]
+def weight_names(piece: Piece, proto: onnx.ModelProto, layer: int | None = None) -> list[str]:
+    """Stored names of the weights an instance of `piece` reads, in input order: the checkpoint
+    name, + TRANSPOSED where the traced piece reads the weight transposed."""
+    inputs = proto.graph.input[len(piece.inputs):]
+    return [piece.global_name(p, layer) + (TRANSPOSED if vi.name.startswith(WEIGHT_T) else "")
+            for p, vi in zip(piece.params, inputs)]
 
 
-__all__ = ["GraphAssembler", "WeightRef", "used_weights", "WEIGHT"]
+__all__ = ["GraphAssembler", "WeightRef", "weight_names", "WEIGHT"]

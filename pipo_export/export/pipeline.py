@@ -27,12 +27,12 @@ from pipo_graphs.manifest import MANIFEST, file_entries
 from pipo_runtime.text import TOKENIZER_FILES
 
 from pipo_export.errors import ExportError
-from pipo_export.export.assemble import GraphAssembler, WeightRef
+from pipo_export.export.assemble import GraphAssembler, WeightRef, weight_names
 from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import ExportOptions
-from pipo_export.export.pieces import PieceSet
+from pipo_export.export.pieces import TRANSPOSED, PieceSet
 from pipo_export.export.trace import trace_piece
 from pipo_export.export.weights import Eta, write_weights
 from pipo_export.fsutil import atomic_dir
@@ -103,14 +103,15 @@ class Traced:
         return self.layers[layer_type][0 if graph == PREFILL else 1]
 
     def weight_names(self, layer_types: list[str]) -> list[str]:
-        """Every checkpoint weight the two graphs read, in graph order."""
+        """Every stored weight the two graphs read (checkpoint name, + ".T" when stored
+        transposed), in graph order."""
         names = []
         for graph in (PREFILL, DECODE):
-            names += [self.embed[graph].global_name(p) for p in self.embed[graph].params]
+            names += weight_names(self.embed[graph], self.protos[self.embed[graph].name])
             for i, kind in enumerate(layer_types):
                 piece = self.layer(graph, kind)
-                names += [piece.global_name(p, i) for p in piece.params]
-            names += [self.head[graph].global_name(p) for p in self.head[graph].params]
+                names += weight_names(piece, self.protos[piece.name], i)
+            names += weight_names(self.head[graph], self.protos[self.head[graph].name])
         return list(dict.fromkeys(names))
 
 
@@ -229,7 +230,8 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states, stor
                   "linear_value_head_dim": dims.linear_value_head_dim,
                   "pad_token_id": cfg.pad_token_id, "eos_token_ids": cfg.eos_token_ids,
                   "compressor_type": cfg.compressor_type.value, "max_context": max_context,
-                  "parameters": sum(math.prod(source.shape(n)) for n in names)},
+                  "parameters": sum(math.prod(source.shape(n)) for n in
+                                    {n.removesuffix(TRANSPOSED) for n in names})},
         "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value,
                    "opset": opts.opset, "sample_cap": min(opts.sample_cap, dims.vocab_size),
                    "tool_versions": tool_versions(),

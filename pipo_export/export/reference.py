@@ -68,8 +68,11 @@ class References:
     HEAD_MODULES = ("model.norm", "compressor", "mtp", "confidence_head")
 
     def __init__(self, cfg: PipoConfig, source: TensorSource, mode: Mode,
-                 export_dtype: torch.dtype, dtype: torch.dtype):
+                 export_dtype: torch.dtype, dtype: torch.dtype, big: dict | None = None):
+        """big: a dict shared between References of one export, holding the embedding and
+        lm_head in the export dtype once."""
         self.cfg, self.source, self.dtype = cfg, source, dtype
+        self.big = {} if big is None else big
         self.cast = _Cast(source, export_dtype, dtype)
         self.export_dtype = export_dtype
         self.meta = skeleton(cfg)
@@ -89,13 +92,17 @@ class References:
             model.model.layers = nn.ModuleList()  # the references never run layers here
             for name in self.HEAD_MODULES:
                 materialize(model.get_submodule(name), self.cast, self.dtype, prefix=name + ".")
-            embed = self.source.get("model.embed_tokens.weight").to(self.export_dtype)
+            embed = self._big("model.embed_tokens.weight")
             model.model.embed_tokens = UpcastEmbedding(embed, self.dtype)
-            head = embed if self.cfg.text.tie_word_embeddings else \
-                self.source.get("lm_head.weight").to(self.export_dtype)
+            head = embed if self.cfg.text.tie_word_embeddings else self._big("lm_head.weight")
             model.lm_head = UpcastLinear(head)
             self._step = step_class(self.mode)(model, kernels=Kernels())
         return self._step
+
+    def _big(self, name: str) -> torch.Tensor:
+        if name not in self.big:
+            self.big[name] = self.source.get(name).to(self.export_dtype)
+        return self.big[name]
 
     def pieces(self, sample_cap: int) -> PieceSet:
         """Piece functions (I/O as the traced ones) over the reference kernels."""

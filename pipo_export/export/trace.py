@@ -20,8 +20,8 @@ from torch.export import Dim
 
 from pipo_export.errors import ExportError
 from pipo_export.export.lowering import Lowering
-from pipo_export.export.pieces import WEIGHT, Piece
-from pipo_export.onnx.graph import strip_metadata
+from pipo_export.export.pieces import WEIGHT, WEIGHT_T, Piece
+from pipo_export.onnx.graph import iter_graphs, strip_metadata
 
 FOLD_LIMIT = 4096  # elements: fold shape/axes arithmetic; weights are inputs, never folded
 MAX_BATCH, MAX_LEN = 4096, 1 << 20
@@ -88,7 +88,37 @@ def trace_piece(piece: Piece, opset: int, lowering: Lowering, dtype: torch.dtype
     model = prog.model_proto
     strip_metadata(model)
     check_piece_dims(model, piece)
+    pre_transpose_weights(model)
     return model
+
+
+def pre_transpose_weights(model: onnx.ModelProto) -> None:
+    """MatMul(x, Transpose(W)) -> MatMul(x, W^T): a 2-D weight input read only through
+    Transpose(perm=[1, 0]) becomes the input ``wT:<param>`` of the transposed shape (the weight
+    is stored transposed) and each Transpose an Identity. ONNX Runtime would otherwise fold
+    every Transpose into a transposed copy of the weight, in each session; MatMulNBits wants
+    the [K, N] layout too."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, []).append(node)
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        nodes = users.get(vi.name, [])
+        if not vi.name.startswith(WEIGHT) or len(dims) != 2 or not nodes:
+            continue
+        perms = [[list(a.ints) for a in n.attribute if a.name == "perm"] for n in nodes]
+        if not all(n.op_type == "Transpose" and p in ([], [[1, 0]]) for n, p in zip(nodes, perms)):
+            continue
+        name = WEIGHT_T + vi.name[len(WEIGHT):]
+        for node in nodes:
+            node.op_type = "Identity"
+            del node.attribute[:]
+            node.input[0] = name
+        vi.name = name
+        a, b = (d.dim_value for d in dims)
+        dims[0].dim_value, dims[1].dim_value = b, a
 
 
 def check_piece_dims(model: onnx.ModelProto, piece: Piece) -> None:

@@ -70,13 +70,38 @@ def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0):
     return feeds, sampling, lambda step: step_uniforms(5, seqs, step)
 
 
+def _shared_sessions(paths: dict) -> dict:
+    """One ORT session per graph, both reading weights.data through one mapping (no per-session
+    copy, no prepacked copies)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from pipo_graphs.dtypes import numpy_dtype
+    from pipo_export.onnx.graph import iter_graphs
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+    folder = next(iter(paths.values())).parent
+    mapped = np.memmap(folder / "weights.data", dtype=np.uint8, mode="r")
+    sessions, keep = {}, []
+    for graph, path in paths.items():
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        model = onnx.load(str(path), load_external_data=False)
+        for g in iter_graphs(model.graph):
+            for t in g.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    kv = {e.key: e.value for e in t.external_data}
+                    off, n = int(kv["offset"]), int(kv["length"])
+                    arr = mapped[off:off + n].view(numpy_dtype(names[t.data_type]))
+                    keep.append(ort.OrtValue.ortvalue_from_numpy(arr.reshape(tuple(t.dims))))
+                    so.add_initializer(t.name, keep[-1])
+        sessions[graph] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sessions["_keep"] = (mapped, keep)
+    return sessions
+
+
 def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int) -> list[dict]:
     """Free-running ORT: per step, its feeds and every output (numpy)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sessions = {g: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-                for g, p in paths.items()}
+    sessions = _shared_sessions(paths)
     out, step_feeds = [], feeds
     for s in range(steps + 1):
         sess = sessions[PREFILL if s == 0 else DECODE]
@@ -118,8 +143,9 @@ class Checker:
     def __init__(self, cfg, source, mode: Mode, dtype: str, sample_cap: int, pad_id: int):
         export = torch_dtype(dtype)
         self.dtype, self.pad_id = dtype, pad_id
-        self.ref = References(cfg, source, mode, export, torch.float64)
-        self.low = References(cfg, source, mode, export, export)
+        big = {}  # the embedding (and an untied lm_head), held once in the export dtype
+        self.ref = References(cfg, source, mode, export, torch.float64, big)
+        self.low = References(cfg, source, mode, export, export, big)
         self.fns = {"ref": self.ref.pieces(sample_cap), "low": self.low.pieces(sample_cap)}
         self.ref.step().sample_cap = self.low.step().sample_cap = sample_cap
         self.findings: list[Finding] = []

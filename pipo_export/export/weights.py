@@ -17,6 +17,7 @@ import torch
 from pipo_graphs.dtypes import itemsize
 
 from pipo_export.export.assemble import WeightRef
+from pipo_export.export.pieces import TRANSPOSED
 from pipo_export.model.source import TensorSource
 
 ALIGN = 4096
@@ -32,16 +33,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def write_weights(source: TensorSource, names: list[str], path: Path, dtype: torch.dtype,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, WeightRef]:
-    """Write `names` (deduplicated, in order) from `source` as `dtype` into `path`.
+    """Write `names` (deduplicated, in order) from `source` as `dtype` into `path`; a name
+    ending in TRANSPOSED is the checkpoint tensor transposed ([out, in] -> [in, out]).
     -> name -> WeightRef. progress(bytes_done, bytes_total) is called after each tensor."""
     order = list(dict.fromkeys(names))
     width = itemsize(str(dtype).replace("torch.", ""))
-    total = sum(int(np.prod(source.shape(n))) * width for n in order)
+    total = sum(int(np.prod(source.shape(n.removesuffix(TRANSPOSED)))) * width for n in order)
     refs, done = {}, 0
     with open(path, "wb") as f:
         for name in order:
             f.write(b"\0" * ((-f.tell()) % ALIGN))
-            value = source.get(name).to(dtype)
+            value = read_weight(source, name, dtype)
             offset = f.tell()
             f.write(tensor_bytes(value))
             refs[name] = WeightRef(name, str(dtype).replace("torch.", ""), tuple(value.shape),
@@ -53,6 +55,13 @@ def write_weights(source: TensorSource, names: list[str], path: Path, dtype: tor
         f.flush()
         os.fsync(f.fileno())
     return refs
+
+
+def read_weight(source: TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored weight: the checkpoint tensor in `dtype`, transposed for a TRANSPOSED name."""
+    if name.endswith(TRANSPOSED):
+        return source.get(name[:-len(TRANSPOSED)]).to(dtype).T.contiguous()
+    return source.get(name).to(dtype)
 
 
 class Eta:

@@ -10,12 +10,13 @@ base source tensor by tensor.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from pipo_export.errors import CheckpointError
 
@@ -24,6 +25,28 @@ BACKBONE_PREFIXES = ("model.language_model.", "language_model.")  # -> "model."
 IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower: not part of the text model
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                       "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_HEADER = 100 << 20
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header -> ({key: {dtype, shape, data_offsets}}, data start).
+    Tensors are then read with plain file reads (no mmap: pages of a mapped file count toward
+    the process's resident memory, which would grow to the whole checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            if n is None or n > MAX_HEADER:
+                raise ValueError("not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied; make it readable") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
 class TensorSource(Protocol):
@@ -83,17 +106,16 @@ class SafetensorsSource:
     files: list[Path] = field(default_factory=list)
     key_prefix: str = "model."  # backbone prefix found: "model." or "model.language_model."
     ignored: list[str] = field(default_factory=list)  # visual keys
-    _where: dict[str, tuple[Path, str]] = field(default_factory=dict)  # name -> (file, raw key)
+    _where: dict[str, tuple] = field(default_factory=dict)  # name -> (file, key, begin, end)
     _meta: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
-    _handles: dict[Path, object] = field(default_factory=dict)
 
     @classmethod
     def open(cls, folder: str | Path) -> "SafetensorsSource":
         folder = Path(folder)
         src = cls(folder, weight_files(folder))
         for path in src.files:
-            handle = src._handle(path)
-            for key in handle.keys():
+            header, start = read_header(path)
+            for key, info in header.items():
                 name, prefix = normalize_key(key)
                 if name is None:
                     src.ignored.append(key)
@@ -103,21 +125,15 @@ class SafetensorsSource:
                 if name in src._where:
                     raise CheckpointError(f"{folder}: tensor {name} is stored twice ({key} in "
                                           f"{path.name} and {src._where[name][1]})")
-                info = handle.get_slice(key)
-                src._where[name] = (path, key)
-                src._meta[name] = (tuple(info.get_shape()),
-                                   SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype()))
+                try:
+                    begin, end = (start + int(o) for o in info["data_offsets"])
+                    meta = (tuple(int(d) for d in info["shape"]),
+                            SAFETENSORS_DTYPES[info["dtype"]])
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{path}: bad safetensors header entry for {key}") from None
+                src._where[name] = (path, key, begin, end)
+                src._meta[name] = meta
         return src
-
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except PermissionError:
-                raise CheckpointError(f"{path}: permission denied; make it readable") from None
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from None
-        return self._handles[path]
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -129,11 +145,20 @@ class SafetensorsSource:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        path, key = self._where[name]
+        path, key, begin, end = self._where[name]
+        shape, dtype = self._meta[name]
+        buf = bytearray(end - begin)
         try:
-            return self._handle(path).get_tensor(key)
-        except Exception as exc:  # a truncated or corrupted file
+            with open(path, "rb", buffering=0) as f:
+                got = os.preadv(f.fileno(), [buf], begin) if buf else 0
+        except OSError as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key} ({exc})") from None
+        if got != len(buf):
+            raise CheckpointError(f"{path}: tensor {key} is truncated (file too short); "
+                                  "download the checkpoint again")
+        if not buf:
+            return torch.empty(shape, dtype=getattr(torch, dtype))
+        return torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
 
     def stored_dtypes(self) -> list[str]:
         return sorted({d for _, d in self._meta.values()})
