@@ -14,5 +14,6 @@ def command(ns) -> int:
                          dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
                          opset=ns.opset, sample_cap=ns.sample_cap,
                          validate=not ns.no_validate, mode=Mode(ns.mode),
-                         base=ns.base, trace_cache=ns.trace_cache))
+                         base=ns.base, trace_cache=ns.trace_cache,
+                         weights=ns.weights, block_size=ns.block_size))
     return 0

@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a built-in PIPO checkpoint with random weights")
     p.add_argument("out")
-    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny",
-                   help="tiny: hidden 64, 4 layers; small: hidden 256, 8 layers")
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b", "qwen3.5-4b",
+                                       "qwen3.5-9b"), default="tiny",
+                   help="tiny: hidden 64, 4 layers; small: hidden 256, 8 layers; qwen3.5-*: the "
+                        "published text dims, released layout, bf16 shards, written tensor by "
+                        "tensor")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
 
@@ -100,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=[m.value for m in Mode], default=EXPORT_DEFAULTS.mode.value,
                    help="regular: the backbone alone as a plain causal LM, one token per step "
                         "(the baseline `bench` compares PIPO against)")
+    p.add_argument("--weights", choices=("float", "int8", "int4"), default=EXPORT_DEFAULTS.weights,
+                   help="weight-only quantization of every MatMul weight (ONNX Runtime "
+                        "MatMulNBits; needs --target onnxruntime --dtype float32)")
+    p.add_argument("--block-size", type=int, default=EXPORT_DEFAULTS.block_size,
+                   help=f"quantization block along K (default {EXPORT_DEFAULTS.block_size})")
     p.add_argument("--trace-cache", default=None, metavar="DIR",
                    help="reuse traced pieces from DIR (same architecture, dtype, target, opset); "
                         "written there when missing")
@@ -162,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", dest="plot_file", default=None, metavar="FILE.png")
 
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
-    p.add_argument("source", help="checkpoint folder or export folder")
+    p.add_argument("source", help="checkpoint folder, PEFT adapter folder (with --base) or "
+                                  "export folder")
+    p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
     p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="default: torch for a checkpoint, onnxruntime for an export")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend dtype")

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from pipo_export.errors import ExportError
 from pipo_export.export.io_spec import GraphSpec, TensorSpec
-from pipo_export.export.pieces import TRANSPOSED, WEIGHT, WEIGHT_T, Piece
+from pipo_export.export.pieces import Piece, weight_input
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
                "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64,
@@ -78,10 +78,10 @@ class GraphAssembler:
         graph = onnx.GraphProto()
         graph.CopyFrom(proto.graph)
         n_in, n_out = len(piece.inputs), len(piece.outputs)
-        if len(graph.input) != n_in + len(piece.params) or len(graph.output) != n_out:
+        if any(weight_input(vi.name) for vi in graph.input[:n_in]) or len(graph.output) != n_out:
             raise ExportError(f"{piece.name}: traced graph has {len(graph.input)} inputs and "
-                              f"{len(graph.output)} outputs, expected {n_in + len(piece.params)} "
-                              f"and {n_out}")
+                              f"{len(graph.output)} outputs, expected {n_in} activations first "
+                              f"and {n_out} outputs")
         mapping: dict[str, str] = {}
         for spec, vi in zip(piece.inputs, graph.input[:n_in]):
             key = bind.get(spec.name, spec.name)
@@ -160,10 +160,12 @@ class GraphAssembler:
 
 def weight_names(piece: Piece, proto: onnx.ModelProto, layer: int | None = None) -> list[str]:
     """Stored names of the weights an instance of `piece` reads, in input order: the checkpoint
-    name, + TRANSPOSED where the traced piece reads the weight transposed."""
-    inputs = proto.graph.input[len(piece.inputs):]
-    return [piece.global_name(p, layer) + (TRANSPOSED if vi.name.startswith(WEIGHT_T) else "")
-            for p, vi in zip(piece.params, inputs)]
+    name plus the suffix of the weight input's form (transposed, quantized parts)."""
+    out = []
+    for vi in proto.graph.input[len(piece.inputs):]:
+        param, suffix = weight_input(vi.name)
+        out.append(piece.global_name(param, layer) + suffix)
+    return out
 
 
 __all__ = ["GraphAssembler", "WeightRef", "weight_names", "WEIGHT"]

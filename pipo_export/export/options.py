@@ -24,3 +24,5 @@ class ExportOptions:
     mode: Mode = Mode.PIPO
     base: str | None = None  # the Qwen3.5 base folder when `checkpoint` is a PEFT adapter
     trace_cache: str | None = None  # folder of traced pieces reused across exports
+    weights: str = "float"  # float | int8 | int4 (pipo_export.export.quantize.WeightFormat)
+    block_size: int = 32  # quantization block along K (int8/int4)

@@ -32,6 +32,17 @@ EXAMPLE_PAST_PAIRS = 7
 WEIGHT = "w:"  # prefix of weight inputs
 WEIGHT_T = "wT:"  # a weight input stored transposed (trace.pre_transpose_weights)
 TRANSPOSED = ".T"  # suffix of the stored name of a transposed weight
+# weight input prefix -> suffix of the stored tensor's name (the checkpoint name + suffix)
+WEIGHT_INPUTS = {WEIGHT: "", WEIGHT_T: TRANSPOSED, "wq:": TRANSPOSED + ".q",
+                 "wqs:": TRANSPOSED + ".scales", "wqz:": TRANSPOSED + ".zp"}
+
+
+def weight_input(name: str) -> tuple[str, str] | None:
+    """A piece input name -> (owner parameter, stored-name suffix), or None for activations."""
+    for prefix, suffix in WEIGHT_INPUTS.items():
+        if name.startswith(prefix):
+            return name[len(prefix):], suffix
+    return None
 SAMPLING = tuple(n for n, _ in SAMPLING_INPUTS)
 EMBED_PARAMS = ("model.model.embed_tokens.", "model.compressor.")
 HEAD_PARAMS = ("model.model.norm.", "model.model.embed_tokens.", "model.lm_head.", "model.mtp.",

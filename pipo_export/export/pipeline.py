@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 from pipo_graphs.contract import CONTRACT_VERSION, DECODE, PAST, PREFILL, PRESENT, Mode, \
-    state_name
+    Target, state_name
 from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, file_entries
 from pipo_runtime.text import TOKENIZER_FILES
@@ -32,9 +33,10 @@ from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import ExportOptions
-from pipo_export.export.pieces import TRANSPOSED, PieceSet
+from pipo_export.export.pieces import PieceSet
 from pipo_export.export.trace import trace_piece
-from pipo_export.export.weights import Eta, write_weights
+from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
+from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
@@ -61,12 +63,20 @@ def tool_versions() -> dict:
                              "onnxruntime", "peft"))
 
 
-def check_dtype(opts: ExportOptions) -> None:
+def check_options(opts: ExportOptions) -> None:
     """Refuse, before any work, what no target here can run."""
     if opts.dtype == DType.BFLOAT16:
         raise ExportError("--dtype bfloat16 is not supported: ONNX Runtime's CPU kernels have no "
                           "bfloat16 (Conv, MatMul), so the export could not be validated; use "
                           "--dtype float16 (GPU targets, half the weight bytes) or float32")
+    weights = WeightFormat(opts.weights)
+    if weights != WeightFormat.FLOAT:
+        if opts.target != Target.ONNXRUNTIME or opts.dtype != DType.FLOAT32:
+            raise ExportError(f"--weights {weights.value} needs --target onnxruntime --dtype "
+                              "float32 (MatMulNBits is an ONNX Runtime kernel; activations stay "
+                              "float32)")
+        if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+            raise ExportError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
 
 
 class Traced:
@@ -98,6 +108,20 @@ class Traced:
                 f"~{elapsed / (i + 1) * (len(flat) - i - 1):.0f}s left)")
         self.embed = {g: todo[g][0] for g in todo}
         self.head = {g: todo[g][1] for g in todo}
+
+    def quantize(self, opts: ExportOptions) -> QuantSpec | None:
+        """For int8/int4 exports, rewrite every piece's weight MatMuls into MatMulNBits (the
+        lm_head too); -> the QuantSpec the weights are written with."""
+        fmt = WeightFormat(opts.weights)
+        if fmt == WeightFormat.FLOAT:
+            return None
+        spec = QuantSpec(fmt.bits, opts.block_size)
+        for name, proto in self.protos.items():
+            proto = self.protos[name] = onnx.ModelProto.FromString(proto.SerializeToString())
+            if name.endswith(".head"):
+                lm_head_as_matmul(proto)
+            quantize_piece(proto, spec)
+        return spec
 
     def layer(self, graph: str, layer_type: str):
         return self.layers[layer_type][0 if graph == PREFILL else 1]
@@ -142,7 +166,7 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
 
 
 def export(opts: ExportOptions) -> dict:
-    check_dtype(opts)
+    check_options(opts)
     t0 = progress(1, f"opening checkpoint {opts.checkpoint}"
                   + (f" over base {opts.base}" if opts.base else ""))
     cfg, source, layout = open_checkpoint(opts.checkpoint, opts.base)
@@ -161,16 +185,18 @@ def export(opts: ExportOptions) -> dict:
                         f"lowering {lowering.name}, {opts.dtype.value}, opset {opts.opset})")
         traced = Traced(PieceSet(step, dtype), lowering, opts, dtype, cfg.text.to_dict())
         timings["trace_s"] = time.perf_counter() - t
+        quant = traced.quantize(opts)
         names = traced.weight_names(layer_types)
-        t = progress(3, f"writing {len(names)} weights as {opts.dtype.value} to {WEIGHTS_FILE}")
+        form = opts.dtype.value if quant is None else f"{opts.weights} (block {opts.block_size})"
+        t = progress(3, f"writing {len(names)} weights as {form} to {WEIGHTS_FILE}")
         eta = Eta("weights", log)
-        weights = write_weights(source, names, tmp / WEIGHTS_FILE, dtype,
+        reader = WeightReader(source, dtype, quant)
+        weights = write_weights(reader, names, tmp / WEIGHTS_FILE,
                                 lambda done, total: eta(done, total, "B"))
         timings["weights_s"] = time.perf_counter() - t
         t = progress(4, "assembling both graphs from the pieces")
         paths = {g: tmp / GRAPH_FILES[g] for g in (PREFILL, DECODE)}
         for graph, spec in ((PREFILL, prefill_spec), (DECODE, decode_spec)):
-            import onnx
             onnx.save(assemble(traced, graph, spec, layer_types, weights), str(paths[graph]))
         io = {PREFILL: _as_written(paths[PREFILL], prefill_spec),
               DECODE: _as_written(paths[DECODE], decode_spec)}
@@ -181,7 +207,7 @@ def export(opts: ExportOptions) -> dict:
             t = progress(5, "validating every piece against torch float64 (teacher forced, "
                             "tolerance from torch's own noise in the export dtype)")
             validation = validate_export(
-                traced, cfg, source, layer_types, weights, tmp, opts,
+                traced, cfg, reader, layer_types, weights, tmp, opts,
                 lambda graph, spec: assemble(traced, graph, spec, layer_types, weights, True),
                 (prefill_spec, decode_spec), log)
             timings["validate_s"] = time.perf_counter() - t
@@ -193,8 +219,14 @@ def export(opts: ExportOptions) -> dict:
         for name in copied:
             shutil.copy2(tokenizer_dir / name, tmp / name)
         timings["total_s"] = time.perf_counter() - t0
-        stored = {"tensors": len(weights), "bytes": (tmp / WEIGHTS_FILE).stat().st_size}
-        manifest = build_manifest(cfg, dims, source, names, opts, max_context, io, states,
+        stored = {"tensors": len(weights), "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
+                  "format": opts.weights}
+        if quant is not None:
+            stored.update(bits=quant.bits, block_size=quant.block_size,
+                          accuracy_level=quant.accuracy_level,
+                          quantized=sorted(reader.quantized),
+                          float=sorted({reader.base(n) for n in names} - reader.quantized))
+        manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts, max_context, io, states,
                                   stored, timings, validation, (prefill_spec, decode_spec))
         manifest["files"] = file_entries(tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -230,8 +262,7 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states, stor
                   "linear_value_head_dim": dims.linear_value_head_dim,
                   "pad_token_id": cfg.pad_token_id, "eos_token_ids": cfg.eos_token_ids,
                   "compressor_type": cfg.compressor_type.value, "max_context": max_context,
-                  "parameters": sum(math.prod(source.shape(n)) for n in
-                                    {n.removesuffix(TRANSPOSED) for n in names})},
+                  "parameters": sum(math.prod(source.shape(n)) for n in names)},
         "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value,
                    "opset": opts.opset, "sample_cap": min(opts.sample_cap, dims.vocab_size),
                    "tool_versions": tool_versions(),

@@ -23,7 +23,6 @@ from pipo_export.model.checkpoint import materialize, skeleton
 from pipo_export.model.config import PipoConfig
 from pipo_export.model.layers import Kernels
 from pipo_export.model.regular import step_class
-from pipo_export.model.source import TensorSource
 
 CHUNK_ROWS = 8192  # lm_head rows upcast at a time
 
@@ -52,14 +51,15 @@ class UpcastLinear(nn.Module):
         return torch.cat([x @ w.to(x.dtype).T for w in self.weight.split(CHUNK_ROWS)], dim=-1)
 
 
-class _Cast:
-    """A TensorSource view: every tensor cast to the export dtype, then to `dtype`."""
+class _AsExported:
+    """A TensorSource view: each weight as the export computes with it (cast to the export
+    dtype; quantized ones dequantized), then in `dtype`."""
 
-    def __init__(self, source: TensorSource, export_dtype: torch.dtype, dtype: torch.dtype):
-        self.source, self.export_dtype, self.dtype = source, export_dtype, dtype
+    def __init__(self, reader, dtype: torch.dtype):
+        self.reader, self.dtype = reader, dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self.source.get(name).to(self.export_dtype).to(self.dtype)
+        return self.reader.reference(name, self.dtype)
 
 
 class References:
@@ -67,14 +67,14 @@ class References:
 
     HEAD_MODULES = ("model.norm", "compressor", "mtp", "confidence_head")
 
-    def __init__(self, cfg: PipoConfig, source: TensorSource, mode: Mode,
-                 export_dtype: torch.dtype, dtype: torch.dtype, big: dict | None = None):
-        """big: a dict shared between References of one export, holding the embedding and
-        lm_head in the export dtype once."""
-        self.cfg, self.source, self.dtype = cfg, source, dtype
+    def __init__(self, cfg: PipoConfig, reader, mode: Mode, dtype: torch.dtype,
+                 big: dict | None = None):
+        """reader: the export's WeightReader (weights as exported); big: a dict shared between
+        References of one export, holding the embedding and lm_head once."""
+        self.cfg, self.source, self.dtype = cfg, reader.source, dtype
+        self.reader, self.export_dtype = reader, reader.dtype
         self.big = {} if big is None else big
-        self.cast = _Cast(source, export_dtype, dtype)
-        self.export_dtype = export_dtype
+        self.cast = _AsExported(reader, dtype)
         self.meta = skeleton(cfg)
         self.mode = Mode(mode)
         self._step = None
@@ -92,17 +92,22 @@ class References:
             model.model.layers = nn.ModuleList()  # the references never run layers here
             for name in self.HEAD_MODULES:
                 materialize(model.get_submodule(name), self.cast, self.dtype, prefix=name + ".")
-            embed = self._big("model.embed_tokens.weight")
+            embed = self._big("model.embed_tokens.weight", matmul=False)
             model.model.embed_tokens = UpcastEmbedding(embed, self.dtype)
-            head = embed if self.cfg.text.tie_word_embeddings else self._big("lm_head.weight")
-            model.lm_head = UpcastLinear(head)
+            tied = self.cfg.text.tie_word_embeddings
+            model.lm_head = UpcastLinear(self._big("model.embed_tokens.weight" if tied else
+                                                   "lm_head.weight", matmul=True))
             self._step = step_class(self.mode)(model, kernels=Kernels())
         return self._step
 
-    def _big(self, name: str) -> torch.Tensor:
-        if name not in self.big:
-            self.big[name] = self.source.get(name).to(self.export_dtype)
-        return self.big[name]
+    def _big(self, name: str, matmul: bool) -> torch.Tensor:
+        """The embedding (gather: exact) or lm_head (matmul: dequantized when quantized), held
+        once in the export dtype; equal tensors are shared."""
+        if (name, matmul) not in self.big:
+            value = self.reader.reference(name, self.export_dtype, matmul)
+            same = [v for (n, _), v in self.big.items() if n == name and torch.equal(v, value)]
+            self.big[name, matmul] = same[0] if same else value
+        return self.big[name, matmul]
 
     def pieces(self, sample_cap: int) -> PieceSet:
         """Piece functions (I/O as the traced ones) over the reference kernels."""

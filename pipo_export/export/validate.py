@@ -33,7 +33,9 @@ from pipo_export.model.checkpoint import torch_dtype
 
 CHECK = "check/"  # the piece-boundary outputs of validation graphs (pipeline.assemble)
 NOISE_FACTOR = 10.0
-FLOOR = {"float32": 2e-5, "float16": 5e-3}  # relative to each output's scale
+# relative to each output's scale; int8/int4 exports run MatMulNBits with int8 activations
+# (accuracy_level 4) against a reference using the same dequantized weights
+FLOOR = {"float32": 2e-5, "float16": 5e-3, "int8": 3e-2, "int4": 3e-2}
 LENGTHS = (11, 2, 261)
 DECODE_STEPS = 2
 
@@ -70,21 +72,29 @@ def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0):
     return feeds, sampling, lambda step: step_uniforms(5, seqs, step)
 
 
-def _shared_sessions(paths: dict) -> dict:
+def _shared_sessions(paths: dict, prepack: bool, float16: bool) -> dict:
     """One ORT session per graph, both reading weights.data through one mapping (no per-session
-    copy, no prepacked copies)."""
+    copy). prepack: let kernels repack weights (MatMulNBits needs it; float MatMul would copy
+    every weight per session). float16: basic graph optimizations without constant folding, so
+    ORT keeps the float16 weights mapped instead of folding float32 copies of them."""
     import onnxruntime as ort
     from onnx import TensorProto
     from pipo_graphs.dtypes import numpy_dtype
     from pipo_export.onnx.graph import iter_graphs
-    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
+             TensorProto.UINT8: "uint8"}
     folder = next(iter(paths.values())).parent
     mapped = np.memmap(folder / "weights.data", dtype=np.uint8, mode="r")
     sessions, keep = {}, []
     for graph, path in paths.items():
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        disabled = []
+        if float16:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            disabled = ["ConstantFolding"]
         model = onnx.load(str(path), load_external_data=False)
         for g in iter_graphs(model.graph):
             for t in g.initializer:
@@ -94,14 +104,16 @@ def _shared_sessions(paths: dict) -> dict:
                     arr = mapped[off:off + n].view(numpy_dtype(names[t.data_type]))
                     keep.append(ort.OrtValue.ortvalue_from_numpy(arr.reshape(tuple(t.dims))))
                     so.add_initializer(t.name, keep[-1])
-        sessions[graph] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sessions[graph] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                               disabled_optimizers=disabled)
     sessions["_keep"] = (mapped, keep)
     return sessions
 
 
-def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int) -> list[dict]:
+def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int,
+               prepack: bool = False, float16: bool = False) -> list[dict]:
     """Free-running ORT: per step, its feeds and every output (numpy)."""
-    sessions = _shared_sessions(paths)
+    sessions = _shared_sessions(paths, prepack, float16)
     out, step_feeds = [], feeds
     for s in range(steps + 1):
         sess = sessions[PREFILL if s == 0 else DECODE]
@@ -140,12 +152,13 @@ def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 class Checker:
     """Runs the reference pieces of both dtypes on the export's values and records findings."""
 
-    def __init__(self, cfg, source, mode: Mode, dtype: str, sample_cap: int, pad_id: int):
+    def __init__(self, cfg, reader, mode: Mode, dtype: str, sample_cap: int, pad_id: int,
+                 floor: float):
         export = torch_dtype(dtype)
-        self.dtype, self.pad_id = dtype, pad_id
+        self.dtype, self.pad_id, self.floor = dtype, pad_id, floor
         big = {}  # the embedding (and an untied lm_head), held once in the export dtype
-        self.ref = References(cfg, source, mode, export, torch.float64, big)
-        self.low = References(cfg, source, mode, export, export, big)
+        self.ref = References(cfg, reader, mode, torch.float64, big)
+        self.low = References(cfg, reader, mode, export, big)
         self.fns = {"ref": self.ref.pieces(sample_cap), "low": self.low.pieces(sample_cap)}
         self.ref.step().sample_cap = self.low.step().sample_cap = sample_cap
         self.findings: list[Finding] = []
@@ -172,7 +185,7 @@ class Checker:
                 if not np.array_equal(got, want):
                     threshold = vals["threshold"]
                     if near_tie_tokens(calls, got, want, outs["confidence"][0].numpy(),
-                                       threshold, self.pad_id, eps=10 * FLOOR[self.dtype]):
+                                       threshold, self.pad_id, eps=10 * self.floor):
                         self.near_ties.append(s)
                         continue
                     self.failures.append(f"{where} step {s}: tokens {got.tolist()}, the torch "
@@ -191,16 +204,16 @@ class Checker:
         scale = max(1.0, float(np.abs(ref).max(initial=0)))
         err = float(np.abs(got.astype(np.float64) - ref).max(initial=0)) / scale
         noise = float(np.abs(low.double().numpy() - ref).max(initial=0)) / scale
-        f = Finding(where, name, step, err, noise, max(NOISE_FACTOR * noise, FLOOR[self.dtype]))
+        f = Finding(where, name, step, err, noise, max(NOISE_FACTOR * noise, self.floor))
         self.findings.append(f)
         if not f.ok:
             self.failures.append(
                 f"{where} {name} (step {step}): error {err:.3g} x scale, limit {f.limit:.3g} "
                 f"(torch's own {self.dtype} noise {noise:.3g} x {NOISE_FACTOR:g}, floor "
-                f"{FLOOR[self.dtype]:g})")
+                f"{self.floor:g})")
 
 
-def validate_export(traced, cfg, source, layer_types, weights, folder, opts, assemble_fn, specs,
+def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, assemble_fn, specs,
                     log=lambda s: print(s, file=sys.stderr)) -> dict:
     """Validate the export in `folder` (see the module doc). Raises ExportError on failure;
     -> the report stored in the manifest."""
@@ -210,12 +223,14 @@ def validate_export(traced, cfg, source, layer_types, weights, folder, opts, ass
         onnx.save(assemble_fn(graph, spec), str(paths[graph]))
     try:
         feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id)
-        steps = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS)
+        steps = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS,
+                           prepack=opts.weights != "float", float16=opts.dtype.value == "float16")
     finally:
         for p in paths.values():
             p.unlink(missing_ok=True)
     dtype = opts.dtype.value
-    checker = Checker(cfg, source, opts.mode, dtype, opts.sample_cap, cfg.pad_token_id)
+    floor = FLOOR.get(opts.weights, FLOOR[dtype])
+    checker = Checker(cfg, reader, opts.mode, dtype, opts.sample_cap, cfg.pad_token_id, floor)
     n = len(layer_types)
     ref_pieces, low_pieces = checker.fns["ref"], checker.fns["low"]
     graph_steps = {PREFILL: [0], DECODE: list(range(1, DECODE_STEPS + 1))}
@@ -247,7 +262,7 @@ def validate_export(traced, cfg, source, layer_types, weights, folder, opts, ass
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
     return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
-            "lengths": list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": FLOOR[dtype],
+            "lengths": list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
             "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
             "max_error": max(f.err for f in checker.findings),
             "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,

@@ -2,7 +2,9 @@
 
 Each tensor is read from the checkpoint's TensorSource (an adapter merged on read), cast to the
 export dtype and appended 4 KiB aligned (so runtimes can map it and hand regions to both
-sessions without copies). Only one tensor is in memory at a time.
+sessions without copies). Stored names are checkpoint names plus the suffix of their form
+(pieces.WEIGHT_INPUTS): ".T" transposed, ".T.q"/".T.scales"/".T.zp" the MatMulNBits parts of
+the transposed weight (quantize.QuantSpec). Only one weight is in memory at a time.
 """
 from __future__ import annotations
 
@@ -18,50 +20,89 @@ from pipo_graphs.dtypes import itemsize
 
 from pipo_export.export.assemble import WeightRef
 from pipo_export.export.pieces import TRANSPOSED
+from pipo_export.export.quantize import QUANT_INPUTS, QuantSpec
 from pipo_export.model.source import TensorSource
 
 ALIGN = 4096
+QUANT_SUFFIXES = tuple(TRANSPOSED + s for s in QUANT_INPUTS.values())  # .T.q .T.scales .T.zp
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's raw little-endian bytes (bfloat16 as its 16-bit pattern), no copy."""
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+def tensor_bytes(t) -> memoryview:
+    """A tensor's (or numpy array's) raw little-endian bytes (bfloat16 as its bit pattern)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().contiguous()
+        t = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    return memoryview(np.ascontiguousarray(t)).cast("B")
 
 
-def write_weights(source: TensorSource, names: list[str], path: Path, dtype: torch.dtype,
+class WeightReader:
+    """Produces stored weights from the checkpoint: cast, transposed, quantized (the three
+    MatMulNBits parts of one weight are computed once)."""
+
+    def __init__(self, source: TensorSource, dtype: torch.dtype, quant: QuantSpec | None = None):
+        self.source, self.dtype, self.quant = source, dtype, quant
+        self._parts: tuple[str, dict] | None = None
+        self.quantized: set[str] = set()  # checkpoint names written quantized
+
+    def base(self, name: str) -> str:
+        for suffix in QUANT_SUFFIXES + (TRANSPOSED,):
+            if name.endswith(suffix):
+                return name[:-len(suffix)]
+        return name
+
+    def __call__(self, name: str):
+        if name.endswith(QUANT_SUFFIXES):
+            base = self.base(name)
+            if self._parts is None or self._parts[0] != base:
+                w = self.source.get(base).to(torch.float32).T.numpy()  # [K, N]
+                packed, scales, zp = self.quant.quantize(w)
+                self._parts = (base, dict(zip(QUANT_SUFFIXES, (packed, scales, zp))))
+            return self._parts[1][name[len(base):]]
+        if name.endswith(TRANSPOSED):
+            return self.source.get(name[:-len(TRANSPOSED)]).to(self.dtype).T.contiguous()
+        return self.source.get(name).to(self.dtype)
+
+    def reference(self, name: str, dtype: torch.dtype, matmul: bool = True) -> torch.Tensor:
+        """The checkpoint tensor `name` as the export computes with it, in `dtype`: what a
+        reference must use to measure only the graph. matmul: as a MatMul weight (quantized
+        ones dequantized); False for the embedding gather, which stays exact."""
+        value = self.source.get(name).to(self.dtype)
+        if self.quant is None or not matmul or name not in self.quantized:
+            return value.to(dtype)
+        packed, scales, zp = self.quant.quantize(value.float().T.numpy())
+        w_t = self.quant.dequantize(packed, scales, zp, value.shape[1])
+        return torch.from_numpy(np.ascontiguousarray(w_t.T)).to(dtype)
+
+
+def write_weights(reader: WeightReader, names: list[str], path: Path,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, WeightRef]:
-    """Write `names` (deduplicated, in order) from `source` as `dtype` into `path`; a name
-    ending in TRANSPOSED is the checkpoint tensor transposed ([out, in] -> [in, out]).
-    -> name -> WeightRef. progress(bytes_done, bytes_total) is called after each tensor."""
+    """Write `names` (deduplicated, in order) into `path`. -> name -> WeightRef.
+    progress(bytes_done, bytes_total) is called after each tensor (total: source elements at
+    the export dtype, an upper bound for quantized weights)."""
     order = list(dict.fromkeys(names))
-    width = itemsize(str(dtype).replace("torch.", ""))
-    total = sum(int(np.prod(source.shape(n.removesuffix(TRANSPOSED)))) * width for n in order)
-    refs, done = {}, 0
+    width = itemsize(str(reader.dtype).replace("torch.", ""))
+    bases = list(dict.fromkeys(reader.base(n) for n in order))
+    total = sum(int(np.prod(reader.source.shape(b))) * width for b in bases)
+    reader.quantized = {reader.base(n) for n in order if n.endswith(QUANT_SUFFIXES)}
+    refs, done, last = {}, 0, None
     with open(path, "wb") as f:
         for name in order:
             f.write(b"\0" * ((-f.tell()) % ALIGN))
-            value = read_weight(source, name, dtype)
+            value = reader(name)
             offset = f.tell()
             f.write(tensor_bytes(value))
-            refs[name] = WeightRef(name, str(dtype).replace("torch.", ""), tuple(value.shape),
-                                   offset, f.tell() - offset)
-            done += refs[name].length
+            dtype = str(value.dtype).replace("torch.", "")
+            refs[name] = WeightRef(name, dtype, tuple(value.shape), offset, f.tell() - offset)
+            base = reader.base(name)
+            if base != last:
+                done += int(np.prod(reader.source.shape(base))) * width
+                last = base
             del value
             if progress:
                 progress(done, total)
         f.flush()
         os.fsync(f.fileno())
     return refs
-
-
-def read_weight(source: TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """A stored weight: the checkpoint tensor in `dtype`, transposed for a TRANSPOSED name."""
-    if name.endswith(TRANSPOSED):
-        return source.get(name[:-len(TRANSPOSED)]).to(dtype).T.contiguous()
-    return source.get(name).to(dtype)
 
 
 class Eta:

@@ -72,14 +72,9 @@ def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor | None,
-              past_v: torch.Tensor | None, mask: torch.Tensor):
-    """Gated full attention over cache + new tokens.
-
-    x [B, L, H]; past_k/past_v [B, Hkv, P, D] or None (prefill, P = 0); mask [B, P+L] bool
-    (slot holds a real position).
-    Query i sits at slot P+i and sees slots <= P+i. -> out [B, L, H], keys/values [B, Hkv, P+L, D].
-    """
+def attention_inputs(attn, x: torch.Tensor, cos, sin):
+    """Projections of gated attention: x [B, L, H] -> q [B, Hq, L, D] (q_norm, RoPE),
+    gate [B, L, Hq*D], k [B, Hkv, L, D] (k_norm, RoPE), v [B, Hkv, L, D]."""
     b, n = x.shape[:2]
     d = attn.head_dim
     qg = attn.q_proj(x).view(b, n, -1, 2 * d)  # slices, not chunk: no ONNX sequence ops
@@ -89,6 +84,24 @@ def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor | None,
     k = attn.k_norm(attn.k_proj(x).view(b, n, -1, d)).transpose(1, 2)  # [B, Hkv, L, D]
     v = attn.v_proj(x).view(b, n, -1, d).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, gate, k, v
+
+
+def attention_output(attn, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """out [B, L, Hq*D] (attention result), gate [B, L, Hq*D] -> o_proj(out * sigmoid(gate))."""
+    return attn.o_proj(out * torch.sigmoid(gate))
+
+
+def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor | None,
+              past_v: torch.Tensor | None, mask: torch.Tensor):
+    """Gated full attention over cache + new tokens.
+
+    x [B, L, H]; past_k/past_v [B, Hkv, P, D] or None (prefill, P = 0); mask [B, P+L] bool
+    (slot holds a real position).
+    Query i sits at slot P+i and sees slots <= P+i. -> out [B, L, H], keys/values [B, Hkv, P+L, D].
+    """
+    b, n = x.shape[:2]
+    q, gate, k, v = attention_inputs(attn, x, cos, sin)
     if past_k is None:  # prefill: the cache is exactly the new keys (dense, for If branches)
         keys, values = k.contiguous(), v.contiguous()
     else:
@@ -101,8 +114,7 @@ def attention(attn, x: torch.Tensor, cos, sin, past_k: torch.Tensor | None,
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, repeat_kv(values, attn.num_key_value_groups))  # [B, Hq, L, D]
-    out = out.transpose(1, 2).reshape(b, n, -1) * torch.sigmoid(gate)
-    return attn.o_proj(out), keys, values
+    return attention_output(attn, out.transpose(1, 2).reshape(b, n, -1), gate), keys, values
 
 
 def _gdn_project(gdn, x: torch.Tensor):

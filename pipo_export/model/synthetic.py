@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from pipo_export.model.config import CompressorType, parse_config
+from pipo_export.errors import PipoError
 from pipo_export.model.modules import PipoModel
+from pipo_export.model.shapes import pipo_text_config
 
 TINY_TEXT_CONFIG = {
     "model_type": "qwen3_5_text", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
@@ -30,18 +32,10 @@ SMALL_TEXT_CONFIG = dict(
     linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8,
     layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
     + ["full_attention"], pad_token_id=8191, eos_token_id=8190)
-# Qwen3.5-0.8B's text dims (hidden 1024, 24 layers of 3 Gated DeltaNet : 1 gated attention,
-# 8 query / 2 KV heads of 256, 16 + 16 linear heads of 128, vocab 248,320, tied embeddings);
-# random weights. `with_layers` cuts the depth for machines where 24 layers take too long.
-QWEN35_08B_TEXT_CONFIG = dict(
-    TINY_TEXT_CONFIG, vocab_size=248320, hidden_size=1024, intermediate_size=3584,
-    num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
-    linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
-    linear_num_value_heads=16, max_position_embeddings=262144,
-    layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
-                     "partial_rotary_factor": 0.25},
-    pad_token_id=248044, eos_token_id=248046)
+# Qwen3.5-0.8B's published text config (pipo_export.model.shapes) as a flat PIPO text config,
+# for the in-memory writers below; real shapes at full size are written tensor by tensor by
+# pipo_export.model.shapes.write_shape_checkpoint.
+QWEN35_08B_TEXT_CONFIG = pipo_text_config("qwen3.5-0.8b")
 SHAPES = {"tiny": TINY_TEXT_CONFIG, "small": SMALL_TEXT_CONFIG,
           "qwen3.5-0.8b": QWEN35_08B_TEXT_CONFIG}
 
@@ -52,7 +46,8 @@ def with_layers(text_config: dict, layers: int | None, max_positions: int | None
     out = dict(text_config)
     if layers:
         if not 1 <= layers <= text_config["num_hidden_layers"]:
-            raise ValueError(f"layers must be in [1, {text_config['num_hidden_layers']}]")
+            raise PipoError(f"--layers must be in [1, {text_config['num_hidden_layers']}], "
+                            f"got {layers}")
         out.update(num_hidden_layers=layers, layer_types=text_config["layer_types"][:layers])
     if max_positions:
         out["max_position_embeddings"] = max(out["max_position_embeddings"], max_positions)

@@ -15,7 +15,7 @@ from pipo_graphs.contract import Target
 
 from pipo_export.model.layers import Kernels
 
-MODULES = {Target.ONNXRUNTIME: "pipo_export.export.lowering.standard",
+MODULES = {Target.ONNXRUNTIME: "pipo_export.export.lowering.onnxruntime",
            Target.TENSORRT: "pipo_export.export.lowering.standard"}
 
 
