@@ -76,7 +76,8 @@ def _shared_sessions(paths: dict, prepack: bool, float16: bool) -> dict:
     """One ORT session per graph, both reading weights.data through one mapping (no per-session
     copy). prepack: let kernels repack weights (MatMulNBits needs it; float MatMul would copy
     every weight per session). float16: basic graph optimizations without constant folding, so
-    ORT keeps the float16 weights mapped instead of folding float32 copies of them."""
+    ORT keeps the float16 weights mapped instead of folding float32 copies of them, and a
+    priority-based node order so each weight's float32 cast lives only until its MatMul."""
     import onnxruntime as ort
     from onnx import TensorProto
     from pipo_graphs.dtypes import numpy_dtype
@@ -92,9 +93,10 @@ def _shared_sessions(paths: dict, prepack: bool, float16: bool) -> dict:
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
         disabled = []
-        if float16:
+        if float16:  # float16 runs through per-op casts on CPU: keep them short-lived
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            disabled = ["ConstantFolding"]
+            so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # default runs every weight
+            disabled = ["ConstantFolding"]  # cast first: all float32 copies alive at once
         model = onnx.load(str(path), load_external_data=False)
         for g in iter_graphs(model.graph):
             for t in g.initializer:
