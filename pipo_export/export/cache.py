@@ -23,13 +23,18 @@ from pipo_export.versions import package_versions
 PACKAGES = ("torch", "onnx", "onnxscript", "transformers")
 
 
+TRACED_CODE = ("model/config.py", "model/layers.py", "model/modules.py", "model/steps.py",
+               "model/regular.py", "model/sampling.py", "export/pieces.py", "export/trace.py",
+               "export/io_spec.py", "export/lowering/*.py")  # what a traced piece depends on
+
+
 @functools.lru_cache(maxsize=1)
 def code_hash() -> str:
-    """sha256 over the source of the packages that define and trace pieces."""
+    """sha256 over the source that defines and traces pieces (TRACED_CODE)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for sub in ("model", "export"):
-        for path in sorted((root / sub).rglob("*.py")):
+    for pattern in TRACED_CODE:
+        for path in sorted(root.glob(pattern)):
             h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()
