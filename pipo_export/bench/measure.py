@@ -87,22 +87,41 @@ def _numel(shape, slots: int, batch: int = 1) -> int:
     return n
 
 
+def weight_widths(manifest: dict) -> dict[str, float]:
+    """Stored bytes per element of each weight written quantized (MatMulNBits: packed
+    bits/8, a float32 scale and a packed bits-wide zero point per block along K)."""
+    stored = manifest.get("weights", {})
+    if stored.get("format", "float") == "float":
+        return {}
+    bits, block = stored["bits"], stored["block_size"]
+    width = bits / 8 + 4 / block + bits / 8 / block
+    return {name: width for name in stored.get("quantized", ())}
+
+
 def decode_bytes(model, manifest: dict, past_slots: int) -> dict:
     """Bytes a decode step must read at least, by part (batch 1): every weight it multiplies
     with, the lm_head once per sampled token, and every cache/state it reads (attention caches
-    over past_slots slots; Gated DeltaNet states are read and written).
+    over past_slots slots; Gated DeltaNet states are read and written). Weights count at their
+    stored width: the export dtype, or the MatMulNBits width of weight-only quantized ones.
 
-    model: the PipoModel; manifest: its export's manifest (mode, states, dtype)."""
+    model: the PipoModel (the meta-device skeleton is enough); manifest: its export's manifest
+    (mode, states, dtype, weights)."""
     width = BYTES[manifest["export"]["dtype"]]
+    quantized = weight_widths(manifest)
     pipo = manifest["export"].get("mode", "pipo") == "pipo"
     dims = model_dims(model)
-    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    lm_head = dims.vocab_size * dims.hidden_size * width
-    parts = {"backbone_layers": n(model.model.layers) * width,
+
+    def n(prefix: str, module) -> float:
+        return sum(p.numel() * quantized.get(f"{prefix}.{name}", width)
+                   for name, p in module.named_parameters())
+
+    lm_width = quantized.get("lm_head.weight", quantized.get("model.embed_tokens.weight", width))
+    lm_head = dims.vocab_size * dims.hidden_size * lm_width
+    parts = {"backbone_layers": n("model.layers", model.model.layers),
              "lm_head": lm_head * (2 if pipo else 1)}
     if pipo:
-        parts["pipo_heads"] = (n(model.compressor) + n(model.mtp)
-                               + n(model.confidence_head)) * width
+        parts["pipo_heads"] = (n("compressor", model.compressor) + n("mtp", model.mtp)
+                               + n("confidence_head", model.confidence_head))
     cache = 0
     for s in manifest["states"]:
         size = _numel(s["shape"], past_slots) * BYTES[s["dtype"]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,25 +49,40 @@ def log(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
+def write_checkpoint(shape: str, layers: int | None, workdir: str, seed: int = 0,
+                     rebuild: bool = False, max_positions: int = 32768) -> tuple[Path, Path]:
+    """The bench's random checkpoint under workdir (reused unless rebuild); -> (root, folder).
+    Published shapes (pipo_export.model.shapes): their real text dims in the released layout
+    (multimodal wrapper, model.language_model.* keys, bf16 shards, vision tower, Qwen's MTP),
+    written tensor by tensor; tiny/small: write_tiny_checkpoint with max_position_embeddings
+    >= max_positions so the exports serve later runs with other contexts."""
+    from pipo_export.model import shapes
+    from pipo_export.model.synthetic import SHAPES, with_layers, write_tiny_checkpoint
+
+    if shape not in SHAPES and shape not in shapes.SHAPES:
+        raise PipoUserError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    config = with_layers(SHAPES[shape] if shape in SHAPES else shapes.pipo_text_config(shape),
+                         layers, max_positions)  # PipoError on a bad --layers
+    root = Path(workdir) / f"{shape}-L{config['num_hidden_layers']}"
+    ckpt = root / "checkpoint"
+    if rebuild or not (ckpt / "config.json").is_file():
+        log(f"writing {shape} checkpoint ({config['num_hidden_layers']} layers) to {ckpt}")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if shape in shapes.SHAPES:
+            shapes.write_shape_checkpoint(ckpt, shape, layers=layers, seed=seed)
+        else:
+            write_tiny_checkpoint(ckpt, seed=seed, text_config=config)
+    return root, ckpt
+
+
 def prepare(opts: BenchOptions) -> tuple[Path, Path, Path]:
     """Checkpoint + PIPO export + regular export under workdir (reused unless --rebuild)."""
     from pipo_export.export.pipeline import export
     from pipo_export.export.options import ExportOptions
     from pipo_graphs.contract import Mode
-    from pipo_export.model.synthetic import SHAPES, with_layers, write_tiny_checkpoint
 
-    if opts.shape not in SHAPES:
-        raise PipoUserError(f"unknown shape {opts.shape!r}; choose from {', '.join(SHAPES)}")
-    need = max(opts.contexts) + 2 * opts.new_tokens + 2
-    try:  # max positions >= 32K so the exports serve later runs with other contexts
-        config = with_layers(SHAPES[opts.shape], opts.layers, max(need, 32768))
-    except ValueError as exc:
-        raise PipoUserError(f"--layers: {exc}") from None
-    root = Path(opts.workdir) / f"{opts.shape}-L{config['num_hidden_layers']}"
-    ckpt = root / "checkpoint"
-    if opts.rebuild or not (ckpt / "config.json").is_file():
-        log(f"writing {opts.shape} checkpoint ({config['num_hidden_layers']} layers) to {ckpt}")
-        write_tiny_checkpoint(ckpt, seed=opts.seed, text_config=config)
+    root, ckpt = write_checkpoint(opts.shape, opts.layers, opts.workdir, opts.seed, opts.rebuild,
+                                  max(max(opts.contexts) + 2 * opts.new_tokens + 2, 32768))
     outs = {}
     for mode in (Mode.PIPO, Mode.REGULAR):
         out = root / mode.value

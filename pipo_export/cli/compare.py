@@ -12,7 +12,7 @@ import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.errors import PipoUserError
-from pipo_runtime.backend import Backend
+from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
 
@@ -39,14 +39,15 @@ class CompareArgs:
 
 def record(session: PipoSession, prompts, args: CompareArgs) -> list[dict]:
     """Run `steps` steps free-running; every step's outputs as numpy."""
-    check_request(session.manifest, prompts, args.steps)
+    check_request(session.facts, prompts, args.steps)
     seqs = list(range(len(prompts)))
-    session.engine.prefill(prefill_feeds(prompts, session.pad_id, args.sampling, args.threshold,
-                                         args.seed, seqs))
-    steps = [session.engine.outputs()]
+    runner = session.runner
+    runner.prefill(prefill_feeds(prompts, session.facts.pad_id, args.sampling, args.threshold,
+                                 args.seed, seqs))
+    steps = [runner.outputs()]
     for step in range(1, args.steps):
-        session.engine.decode(step_uniforms(args.seed, seqs, step))
-        steps.append(session.engine.outputs())
+        runner.decode(step_uniforms(args.seed, seqs, step))
+        steps.append(runner.outputs())
     return steps
 
 
@@ -63,7 +64,7 @@ def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> d
         print(f"running {backend.value} ...", file=sys.stderr, flush=True)
         session = PipoSession.load(folder, backend=backend, checkpoint=checkpoint)
         runs[backend.value] = record(session, prompts, args)
-        pad = session.pad_id
+        pad = session.facts.pad_id
         session.close()
     ref_name = args.backends[0].value
     atol = scaled_atol(runs[ref_name], args.atol)
@@ -169,11 +170,7 @@ def run_compare(args: CompareArgs) -> int:
 
 def command(ns) -> int:
     from pipo_export.cli.parser import sampling_from
-    try:
-        backends = [Backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
-    except ValueError as exc:
-        raise PipoUserError(f"unknown backend in --backends: {exc}; choose from "
-                            f"{', '.join(b.value for b in Backend)}") from None
+    backends = [parse_backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
     sampling = sampling_from(ns)
     sampling.validate()
     return run_compare(CompareArgs(source=ns.source, backends=backends, steps=ns.steps,

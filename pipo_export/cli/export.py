@@ -15,5 +15,6 @@ def command(ns) -> int:
                          opset=ns.opset, sample_cap=ns.sample_cap,
                          validate=not ns.no_validate, mode=Mode(ns.mode),
                          base=ns.base, trace_cache=ns.trace_cache,
-                         weights=ns.weights, block_size=ns.block_size))
+                         weights=ns.weights, block_size=ns.block_size,
+                         accuracy_level=ns.accuracy_level))
     return 0

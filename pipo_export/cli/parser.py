@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMulNBits; needs --target onnxruntime --dtype float32)")
     p.add_argument("--block-size", type=int, default=EXPORT_DEFAULTS.block_size,
                    help=f"quantization block along K (default {EXPORT_DEFAULTS.block_size})")
+    p.add_argument("--accuracy-level", type=int, default=EXPORT_DEFAULTS.accuracy_level,
+                   help="MatMulNBits compute (int8/int4): 4 = int8 activations (fast, default), "
+                        "0 = float32")
     p.add_argument("--trace-cache", default=None, metavar="DIR",
                    help="reuse traced pieces from DIR (same architecture, dtype, target, opset); "
                         "written there when missing")

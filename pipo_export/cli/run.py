@@ -1,4 +1,7 @@
-"""`pipo-export run SOURCE`: generate with one backend and print pairs, tokens, text."""
+"""`pipo-export run SOURCE`: generate with one backend and print pairs, tokens, text.
+
+Every backend goes through PipoSession's loop: an export folder on any backend, a checkpoint
+folder (or a PEFT adapter folder with --base) on the torch backend."""
 from __future__ import annotations
 
 import json
@@ -6,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipo_graphs import SamplingParams
-from pipo_runtime.backend import Backend
-from pipo_runtime.text import encode, load_tokenizer, result_dict
+from pipo_graphs.manifest import MANIFEST
+from pipo_runtime.backends import Backend
+from pipo_runtime.text import result_dict
 
 from pipo_export.errors import PipoError
 
@@ -25,8 +29,8 @@ class RunArgs:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
-    mtp_context: str = "full"
-    dtype: str = "float32"
+    base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder (torch)
+    dtype: str = "float32"  # torch on a checkpoint folder
     json: bool = False
     stream: bool = False
     providers: list[str] = field(default_factory=lambda: ["cpu"])
@@ -34,37 +38,15 @@ class RunArgs:
 
 
 def _is_export(folder: Path) -> bool:
-    return (folder / "manifest.json").is_file()
+    return (folder / MANIFEST).is_file()
 
 
-def generate_torch(args: RunArgs) -> list[dict]:
-    """Reference decoder on a checkpoint folder."""
-    import torch
-
-    from pipo_export.model.checkpoint import load_checkpoint
-    from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
-    from pipo_export.model.steps import MtpContext
-
-    if args.max_new_tokens is not None or args.stop_strings:
-        raise PipoError("--max-new-tokens and --stop run on an export folder (pipo_runtime); "
-                        "on a checkpoint use --max-steps and --stop-token-ids")
-    tokenizer = load_tokenizer(args.source)
-    prompts = list(args.ids) + [encode(tokenizer, text, args.source) for text in args.prompts]
-    model = load_checkpoint(args.source, dtype=getattr(torch, args.dtype))
-    dec = ReferenceDecoder(model, mtp_context=MtpContext(args.mtp_context))
-    opts = GenerateOptions(max_steps=args.max_steps, threshold=args.threshold,
-                           sampling=args.sampling, seed=args.seed,
-                           eos_token_ids=tuple(model.config.eos_token_ids),
-                           stop_token_ids=tuple(args.stop_token_ids))
-    return [result_dict(o, tokenizer) for o in dec.generate(prompts, opts)]
-
-
-def generate_session(args: RunArgs, backend: Backend) -> list[dict]:
-    """pipo_runtime on an export folder; prints tokens (or text) as they come with --stream."""
+def generate(args: RunArgs, backend: Backend) -> list[dict]:
+    """PipoSession on `backend`; prints tokens (or text) as they come with --stream."""
     from pipo_runtime.session import GenerationConfig, PipoSession
 
-    session = PipoSession.load(args.source, backend=backend, providers=args.providers,
-                               threads=args.threads)
+    session = PipoSession.load(args.source, backend=backend, providers=tuple(args.providers),
+                               threads=args.threads, base=args.base, dtype=args.dtype)
     config = GenerationConfig(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
                               threshold=args.threshold, sampling=args.sampling, seed=args.seed,
                               stop_token_ids=tuple(args.stop_token_ids),
@@ -102,13 +84,10 @@ def run(args: RunArgs) -> int:
     if not args.ids and not args.prompts:
         raise PipoError("no prompt: pass --ids 5,17,300 or --prompt TEXT")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
-    if _is_export(folder):
-        results = generate_session(args, backend)
-    elif backend == Backend.TORCH:
-        results = generate_torch(args)
-    else:
+    if not _is_export(folder) and backend != Backend.TORCH:
         raise PipoError(f"{folder} has no manifest.json; backend {backend.value} runs an "
                         "export folder (pipo-export export CKPT -o OUT)")
+    results = generate(args, backend)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}), flush=True)
         return 0
@@ -137,5 +116,5 @@ def command(ns) -> int:
                        ids=ns.ids, prompts=ns.prompt, max_steps=max_steps,
                        max_new_tokens=ns.max_new_tokens, stop_token_ids=tuple(ns.stop_token_ids),
                        stop_strings=tuple(ns.stop), threshold=ns.threshold, sampling=sampling,
-                       seed=ns.seed, mtp_context=ns.mtp_context, dtype=ns.dtype, json=ns.json,
+                       seed=ns.seed, base=ns.base, dtype=ns.dtype, json=ns.json,
                        stream=ns.stream, providers=ns.providers.split(","), threads=ns.threads))

@@ -4,8 +4,9 @@ A traced piece depends only on the model's dims (not its weights, which are piec
 piece, the dtype, the lowering, the opset, the sample cap, the code that traces it and the
 tracer's version; re-exporting the same architecture (another checkpoint, another max_context,
 an adapter over the same base) reuses the pieces. The key hashes all of those, including the
-source of pipo_export.model and pipo_export.export, so an edited exporter never reads a stale
-piece. A lowering patched at run time (tests injecting bugs) must not use the cache.
+source that defines and traces pieces (TRACED_CODE), so an edited exporter never reads a stale
+piece. A lowering patched at run time must carry its own name (Lowering.key), or not use the
+cache.
 """
 from __future__ import annotations
 

@@ -26,3 +26,4 @@ class ExportOptions:
     trace_cache: str | None = None  # folder of traced pieces reused across exports
     weights: str = "float"  # float | int8 | int4 (pipo_export.export.quantize.WeightFormat)
     block_size: int = 32  # quantization block along K (int8/int4)
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32

@@ -23,7 +23,7 @@ from torch import nn
 from pipo_graphs.contract import CONFIDENCE, PAIR, PAST, SAMPLING_INPUTS, UNIFORMS
 
 from pipo_export.export.io_spec import TensorSpec
-from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, PipoStep, layer_decode, \
+from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, LOGITS, PipoStep, layer_decode, \
     layer_prefill
 
 EXAMPLE_BATCH = 2
@@ -185,6 +185,11 @@ class PieceSet:
                       TensorSpec("prompt_mask", "bool", ("batch", self.vocab)),
                       TensorSpec("output_mask", "bool", ("batch", self.vocab)))
 
+    def _logits_spec(self) -> TensorSpec:
+        """token1's logits: a head output the contract does not export (validation and the
+        quantization accuracy report read it)."""
+        return TensorSpec(LOGITS, "float32", ("batch", self.vocab))
+
     def _sampling_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(n, dt, ("batch",)) for n, dt in SAMPLING_INPUTS) + (
             TensorSpec(UNIFORMS, "float32", ("batch", 2)),)
@@ -192,7 +197,7 @@ class PieceSet:
     def prefill_pieces(self) -> tuple[Piece, Piece]:
         """(embed, head) of the prefill graph."""
         step, dt, slots = self.step, self.dt, self.slots
-        names = [s.name for s in self._head_state_specs(slots)]
+        names = [s.name for s in self._head_state_specs(slots)] + [LOGITS]
         embed_out = (TensorSpec("x", dt, ("batch", slots, self.h)),
                      TensorSpec("valid", "bool", ("batch", slots)),
                      TensorSpec("n_valid", "int64", ("batch",)),
@@ -217,7 +222,8 @@ class PieceSet:
             "prefill.head", step, head,
             (embed_out[0],) + prompt + embed_out[1:] + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
-            + self._head_state_specs(slots), head_example, _params(step, HEAD_PARAMS))
+            + self._head_state_specs(slots) + (self._logits_spec(),), head_example,
+            _params(step, HEAD_PARAMS))
         return embed, head_piece
 
     def decode_pieces(self) -> tuple[Piece, Piece]:
@@ -227,7 +233,7 @@ class PieceSet:
         past_in = {s.name: s for s in past_specs}
         head_past = [s for s in past_specs if s.name not in (PAST + "attention_mask",
                                                             PAST + "position")]
-        names = [s.name for s in self._head_state_specs("past_pairs + 1")]
+        names = [s.name for s in self._head_state_specs("past_pairs + 1")] + [LOGITS]
         rope_out = (TensorSpec("cos", dt, ("batch", 1, self.rot)),
                     TensorSpec("sin", dt, ("batch", 1, self.rot)))
         embed_out = (TensorSpec("x", dt, ("batch", 1, self.h)),
@@ -266,7 +272,8 @@ class PieceSet:
             (embed_out[0], embed_out[1], past_in[PAST + "position"]) + rope_out
             + tuple(head_past) + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
-            + self._head_state_specs("past_pairs + 1"), head_example, _params(step, HEAD_PARAMS))
+            + self._head_state_specs("past_pairs + 1") + (self._logits_spec(),), head_example,
+            _params(step, HEAD_PARAMS))
         return embed, head_piece
 
     def layer_types(self) -> dict[str, nn.Module]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shutil
 import sys
 import time
@@ -29,17 +30,20 @@ from pipo_runtime.text import TOKENIZER_FILES
 
 from pipo_export.errors import ExportError
 from pipo_export.export.assemble import GraphAssembler, WeightRef, weight_names
+from pipo_export.export.accuracy import TWIN_BUDGET, compare_twins
 from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import ExportOptions
 from pipo_export.export.pieces import PieceSet
+from pipo_export.export.sessions import shared_sessions
 from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
+from pipo_export.model.steps import LOGITS
 from pipo_export.onnx.graph import symbolic_dims
 from pipo_export.versions import package_versions
 
@@ -77,6 +81,8 @@ def check_options(opts: ExportOptions) -> None:
                               "float32)")
         if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
             raise ExportError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
+        if opts.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"--accuracy-level must be 0-4, got {opts.accuracy_level}")
 
 
 class Traced:
@@ -115,7 +121,8 @@ class Traced:
         fmt = WeightFormat(opts.weights)
         if fmt == WeightFormat.FLOAT:
             return None
-        spec = QuantSpec(fmt.bits, opts.block_size)
+        spec = QuantSpec(fmt.bits, opts.block_size, opts.accuracy_level)
+        self.float_protos = dict(self.protos)
         for name, proto in self.protos.items():
             proto = self.protos[name] = onnx.ModelProto.FromString(proto.SerializeToString())
             if name.endswith(".head"):
@@ -126,26 +133,28 @@ class Traced:
     def layer(self, graph: str, layer_type: str):
         return self.layers[layer_type][0 if graph == PREFILL else 1]
 
-    def weight_names(self, layer_types: list[str]) -> list[str]:
-        """Every stored weight the two graphs read (checkpoint name, + ".T" when stored
-        transposed), in graph order."""
-        names = []
+    def weight_names(self, layer_types: list[str], protos: dict | None = None) -> list[str]:
+        """Every stored weight the two graphs read (checkpoint name + the suffix of its form),
+        in graph order."""
+        protos, names = protos or self.protos, []
         for graph in (PREFILL, DECODE):
-            names += weight_names(self.embed[graph], self.protos[self.embed[graph].name])
+            names += weight_names(self.embed[graph], protos[self.embed[graph].name])
             for i, kind in enumerate(layer_types):
                 piece = self.layer(graph, kind)
-                names += weight_names(piece, self.protos[piece.name], i)
-            names += weight_names(self.head[graph], self.protos[self.head[graph].name])
+                names += weight_names(piece, protos[piece.name], i)
+            names += weight_names(self.head[graph], protos[self.head[graph].name])
         return list(dict.fromkeys(names))
 
 
 def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
-             weights: dict[str, WeightRef], extra_outputs: bool = False):
+             weights: dict[str, WeightRef], extra_outputs: bool = False,
+             protos: dict | None = None, data_file: str = WEIGHTS_FILE):
     """One graph from the traced pieces. extra_outputs: also output every piece boundary
     (embed values, each layer's hidden state) for validation."""
-    asm = GraphAssembler(spec, weights, WEIGHTS_FILE)
+    protos = protos or traced.protos
+    asm = GraphAssembler(spec, weights, data_file)
     embed, head = traced.embed[graph], traced.head[graph]
-    asm.add(embed, traced.protos[embed.name], "embed")
+    asm.add(embed, protos[embed.name], "embed")
     extra = [TensorSpec(f"{CHECK}embed/{s.name}", s.dtype, s.shape) for s in embed.outputs] \
         if extra_outputs else []
     for s in extra:
@@ -154,14 +163,20 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
         piece = traced.layer(graph, kind)
         states = {s.name: PRESENT + state_name(s.name, i) for s in piece.outputs[1:]}
         bind = {s.name: f"{s.name}.{i}" for s in piece.inputs if s.name.startswith(PAST)}
-        asm.add(piece, traced.protos[piece.name], f"layers.{i}", i, bind, states)
+        asm.add(piece, protos[piece.name], f"layers.{i}", i, bind, states)
         if extra_outputs:
             extra.append(TensorSpec(f"{CHECK}layers.{i}/x", piece.outputs[0].dtype,
                                     piece.outputs[0].shape))
             asm.alias("x", extra[-1].name)
+    contract = set(spec.output_names)
     outputs = {s.name: s.name if s.name in ("pair", "confidence") else PRESENT + s.name
                for s in head.outputs}
-    asm.add(head, traced.protos[head.name], "head", None, {}, outputs)
+    outputs = {k: v for k, v in outputs.items() if v in contract}
+    asm.add(head, protos[head.name], "head", None, {}, outputs)
+    if extra_outputs:
+        logits = next(s for s in head.outputs if s.name == LOGITS)
+        extra.append(TensorSpec(f"{CHECK}head/{LOGITS}", logits.dtype, logits.shape))
+        asm.alias(LOGITS, extra[-1].name)
     return asm.model(tuple(extra))
 
 
@@ -201,7 +216,7 @@ def export(opts: ExportOptions) -> dict:
         io = {PREFILL: _as_written(paths[PREFILL], prefill_spec),
               DECODE: _as_written(paths[DECODE], decode_spec)}
         timings["assemble_s"] = time.perf_counter() - t
-        validation = None
+        validation, stored_accuracy = None, None
         if opts.validate:
             from pipo_export.export.validate import validate_export
             t = progress(5, "validating every piece against torch float64 (teacher forced, "
@@ -211,6 +226,12 @@ def export(opts: ExportOptions) -> dict:
                 lambda graph, spec: assemble(traced, graph, spec, layer_types, weights, True),
                 (prefill_spec, decode_spec), log)
             timings["validate_s"] = time.perf_counter() - t
+            if quant is not None:
+                t = time.perf_counter()
+                log("  measuring the quantization's accuracy against a float32 twin")
+                stored_accuracy = quantization_accuracy(traced, cfg, source, layer_types,
+                                                        (prefill_spec, decode_spec), weights, tmp)
+                timings["accuracy_s"] = time.perf_counter() - t
         else:
             progress(5, "validation skipped (--no-validate)")
         progress(6, "writing manifest")
@@ -224,7 +245,7 @@ def export(opts: ExportOptions) -> dict:
         if quant is not None:
             stored.update(bits=quant.bits, block_size=quant.block_size,
                           accuracy_level=quant.accuracy_level,
-                          quantized=sorted(reader.quantized),
+                          quantized=sorted(reader.quantized), accuracy=stored_accuracy,
                           float=sorted({reader.base(n) for n in names} - reader.quantized))
         manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts, max_context, io, states,
                                   stored, timings, validation, (prefill_spec, decode_spec))
@@ -233,6 +254,36 @@ def export(opts: ExportOptions) -> dict:
     log(f"wrote {opts.out}: {stored['tensors']} weight tensors, {stored['bytes']:,} bytes in "
         f"{WEIGHTS_FILE}; {timings['total_s']:.1f}s")
     return manifest
+
+
+def quantization_accuracy(traced: Traced, cfg, source, layer_types, specs, weights,
+                          tmp: Path) -> dict:
+    """A quantized export against its float32 twin (pipo_export.export.accuracy)."""
+    twin_names = traced.weight_names(layer_types, traced.float_protos)
+    reader = WeightReader(source, torch.float32)
+    twin_bytes = sum(math.prod(source.shape(reader.base(n))) * 4 for n in twin_names)
+    if twin_bytes > TWIN_BUDGET:
+        return {"measured": False, "why": f"the float32 twin needs {twin_bytes / 2**30:.1f} GiB "
+                                          f"(budget {TWIN_BUDGET / 2**30:.0f} GiB)"}
+    twin_file = ".accuracy-twin.data"
+    paths = {}
+    try:
+        refs = write_weights(reader, twin_names, tmp / twin_file)
+        for kind, protos, data, w in (("twin", traced.float_protos, twin_file, refs),
+                                      ("quant", traced.protos, WEIGHTS_FILE, weights)):
+            for graph, spec in zip((PREFILL, DECODE), specs):
+                paths[kind, graph] = tmp / f".accuracy-{kind}-{graph}.onnx"
+                onnx.save(assemble(traced, graph, spec, layer_types, w, True, protos, data),
+                          str(paths[kind, graph]))
+        twin = shared_sessions({g: paths["twin", g] for g in (PREFILL, DECODE)}, False, False)
+        quant = shared_sessions({g: paths["quant", g] for g in (PREFILL, DECODE)}, True, False)
+        report = compare_twins(twin, quant, cfg.vocab_size, cfg.pad_token_id,
+                               f"{CHECK}head/{LOGITS}")
+        del twin, quant
+        return {"measured": True, **report}
+    finally:
+        for path in list(paths.values()) + [tmp / twin_file]:
+            path.unlink(missing_ok=True)
 
 
 def _as_written(path: Path, spec) -> list[dict]:

@@ -16,7 +16,7 @@ from pipo_graphs.contract import SKIPPED_CONFIDENCE, Mode
 
 from pipo_export.model.layers import rope
 from pipo_export.model.sampling import add_tokens, sample
-from pipo_export.model.steps import PipoStep, States, take
+from pipo_export.model.steps import LOGITS, PipoStep, States, take
 
 
 class RegularStep(PipoStep):
@@ -47,10 +47,11 @@ class RegularStep(PipoStep):
         prompt_mask = add_tokens(torch.zeros(b, self.model.config.vocab_size, dtype=torch.bool,
                                              device=input_ids.device), prompt_tokens, self.pad_id)
         output_mask = torch.zeros_like(prompt_mask)
-        token = sample(self.model.lm_head(take(hidden, lengths - 1)), sp, prompt_mask,
-                       output_mask, uniforms[:, 0], self.sample_cap)
+        logits = self.model.lm_head(take(hidden, lengths - 1))
+        token = sample(logits, sp, prompt_mask, output_mask, uniforms[:, 0], self.sample_cap)
         states = {"attention_mask": valid, "position": n_valid, "prompt_mask": prompt_mask,
-                  "output_mask": add_tokens(output_mask, token[:, None], self.pad_id)}
+                  "output_mask": add_tokens(output_mask, token[:, None], self.pad_id),
+                  LOGITS: logits.float()}
         return (*self._emit(token), states)
 
     def decode_embed(self, input_pair, attention_mask, position):
@@ -66,11 +67,13 @@ class RegularStep(PipoStep):
     def decode_head(self, hidden, mask, position, cos, sin, past: States, sp, uniforms):
         """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states (one more slot)."""
         hidden = self.model.model.norm(hidden)
-        token = sample(self.model.lm_head(hidden[:, 0]), sp, past["prompt_mask"],
-                       past["output_mask"], uniforms[:, 0], self.sample_cap)
+        logits = self.model.lm_head(hidden[:, 0])
+        token = sample(logits, sp, past["prompt_mask"], past["output_mask"], uniforms[:, 0],
+                       self.sample_cap)
         states = {"attention_mask": mask, "position": position + 1,
                   "prompt_mask": past["prompt_mask"].clone(),
-                  "output_mask": add_tokens(past["output_mask"], token[:, None], self.pad_id)}
+                  "output_mask": add_tokens(past["output_mask"], token[:, None], self.pad_id),
+                  LOGITS: logits.float()}
         return (*self._emit(token), states)
 
 

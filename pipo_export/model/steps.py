@@ -19,6 +19,7 @@ from pipo_export.model.sampling import add_tokens, gate, sample
 
 States = dict[str, torch.Tensor]
 FULL_ATTENTION = "full_attention"
+LOGITS = "logits"  # a head output beside the states: token1's logits [B, V] float32
 
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -96,8 +97,8 @@ class PipoStep(nn.Module):
         prompt_mask = add_tokens(torch.zeros(b, self.model.config.vocab_size, dtype=torch.bool,
                                              device=input_ids.device), prompt_tokens, self.pad_id)
         output_mask = torch.zeros_like(prompt_mask)
-        token1 = sample(self.model.lm_head(take(hidden, last)), sp, prompt_mask, output_mask,
-                        uniforms[:, 0], self.sample_cap)
+        logits = self.model.lm_head(take(hidden, last))
+        token1 = sample(logits, sp, prompt_mask, output_mask, uniforms[:, 0], self.sample_cap)
         output_mask = add_tokens(output_mask, token1[:, None], self.pad_id)
         # MTP context: t_2, t_4, ..., then token1 at each row's last pair
         positions = torch.arange(hidden.shape[1], device=input_ids.device)[None]
@@ -108,7 +109,8 @@ class PipoStep(nn.Module):
             uniforms[:, 1])
         states = {"mtp_key": mtp_key, "mtp_value": mtp_value, "attention_mask": valid,
                   "position": n_valid, "prompt_mask": prompt_mask,
-                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id)}
+                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id),
+                  LOGITS: logits.float()}
         return torch.stack([token1, token2], dim=1), conf, states
 
     # -- decode pieces --------------------------------------------------------------------
@@ -127,15 +129,17 @@ class PipoStep(nn.Module):
         prompt_mask/output_mask [B, V] -> pair [B, 2], confidence [B], head states."""
         hidden = self.model.model.norm(hidden)
         prompt_mask = past["prompt_mask"]
-        token1 = sample(self.model.lm_head(hidden[:, 0]), sp, prompt_mask, past["output_mask"],
-                        uniforms[:, 0], self.sample_cap)
+        logits = self.model.lm_head(hidden[:, 0])
+        token1 = sample(logits, sp, prompt_mask, past["output_mask"], uniforms[:, 0],
+                        self.sample_cap)
         output_mask = add_tokens(past["output_mask"], token1[:, None], self.pad_id)
         token2, conf, mtp_key, mtp_value = self._second_token(
             token1[:, None], hidden, torch.zeros_like(position), (cos, sin), mask,
             (past["mtp_key"], past["mtp_value"]), sp, prompt_mask, output_mask, uniforms[:, 1])
         states = {"mtp_key": mtp_key, "mtp_value": mtp_value, "attention_mask": mask,
                   "position": position + 1, "prompt_mask": prompt_mask.clone(),
-                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id)}
+                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id),
+                  LOGITS: logits.float()}
         return torch.stack([token1, token2], dim=1), conf, states
 
     # -- MTP + confidence + gate ----------------------------------------------------------
@@ -197,6 +201,7 @@ class PipoStep(nn.Module):
             states.update({state_name(kind, i): v for kind, v in st.items()})
         pair, conf, head = self.prefill_head(x, input_ids, lengths, valid, n_valid, cos, sin, sp,
                                              uniforms)
+        head.pop(LOGITS)
         return pair, conf, {**states, **head}
 
     def decode(self, input_pair, past: States, sp: dict[str, torch.Tensor], uniforms):
@@ -209,6 +214,7 @@ class PipoStep(nn.Module):
             x, st = layer_decode(layer, x, mask, cos, sin, mine, self.kernels)
             states.update({state_name(kind, i): v for kind, v in st.items()})
         pair, conf, head = self.decode_head(x, mask, past["position"], cos, sin, past, sp, uniforms)
+        head.pop(LOGITS)
         return pair, conf, {**states, **head}
 
 

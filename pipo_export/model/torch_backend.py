@@ -1,29 +1,47 @@
-"""The torch backend of pipo_runtime: pipo_export's reference step functions behind the runtime's
-Engine contract. Lives in the compiler package so the runtime itself never imports torch;
-PipoSession loads it by name only when Backend.TORCH is chosen."""
+"""The torch backend of pipo_runtime: pipo_export's reference step functions behind the
+runtime's StepRunner contract. It lives in the compiler package so the runtime itself never
+imports torch; pipo_runtime.backends registers it by module path.
+
+It runs an export's source checkpoint (from the manifest) or a checkpoint folder itself
+(RUNS_CHECKPOINTS: PipoSession.load takes a folder without manifest.json on this backend; a
+PEFT adapter folder with `base`). ReferenceDecoder drives the same runner through PipoSession.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipo_graphs.contract import PRESENT, SAMPLING_INPUTS, UNIFORMS
-from pipo_runtime.backends.base import Engine
+from pipo_graphs.contract import PRESENT, SAMPLING_INPUTS, UNIFORMS, Mode
+from pipo_graphs.errors import PipoUserError
+from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.requests import ModelFacts
 
 from pipo_export.model.checkpoint import load_checkpoint
-from pipo_export.model.steps import MtpContext
 from pipo_export.model.regular import step_class
+from pipo_export.model.steps import PipoStep
+
+RUNS_CHECKPOINTS = True
 
 
-class TorchEngine(Engine):
-    """pipo_export's torch reference steps on the export's source checkpoint."""
+def model_facts(config) -> ModelFacts:
+    """A checkpoint's PipoConfig -> the facts PipoSession checks requests against."""
+    return ModelFacts(config.pad_token_id, frozenset(config.eos_token_ids), config.vocab_size,
+                      config.text.max_position_embeddings)
+
+
+class TorchStepRunner(StepRunner):
+    """A PipoStep (or RegularStep) behind the StepRunner contract: numpy in, numpy out."""
 
     name = "torch"
 
-    def __init__(self, checkpoint: str, mtp_context: str, sample_cap: int, mode: str = "pipo"):
-        self.step = step_class(mode)(load_checkpoint(checkpoint), sample_cap=sample_cap,
-                                           mtp_context=MtpContext(mtp_context))
+    def __init__(self, step: PipoStep, facts: ModelFacts | None = None):
+        self.step = step
+        self.own_facts = facts or model_facts(step.model.config)
 
-    def _t(self, a):
+    @staticmethod
+    def _t(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a))
 
     def _keep(self, pair, conf, states):
@@ -47,3 +65,25 @@ class TorchEngine(Engine):
         out.update({PRESENT + k: v.float().numpy() if v.is_floating_point() else v.numpy()
                     for k, v in self.states.items()})
         return out
+
+    def facts(self, facts: ModelFacts | None) -> ModelFacts:
+        """An export's facts when there is a manifest, the checkpoint config's otherwise."""
+        return facts or self.own_facts
+
+
+def load(folder: Path, manifest, options: RunnerOptions) -> TorchStepRunner:
+    """On an export: its source checkpoint (options.checkpoint overrides it), the export's mode
+    and sample_cap. On a checkpoint folder (manifest None): the folder itself, in
+    options.dtype, PIPO mode."""
+    if manifest is None:
+        source, base, mode, cap, dtype = folder, options.base, Mode.PIPO, None, options.dtype
+    else:
+        source = options.checkpoint or manifest.export.source
+        base = options.base or (None if options.checkpoint else manifest.export.base)
+        mode, cap, dtype = manifest.export.mode, manifest.export.sample_cap, "float32"
+        if not source or not Path(source).is_dir():
+            raise PipoUserError(f"the torch backend needs the export's source checkpoint "
+                                f"({source} not found); pass its folder")
+    model = load_checkpoint(source, dtype=getattr(torch, dtype), base=base)
+    step = step_class(mode)(model, **({"sample_cap": cap} if cap else {}))
+    return TorchStepRunner(step)
