@@ -157,21 +157,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
 
+    from pipo_export.bench.peers.suite import PEERS, PeerBenchOptions  # stdlib only
+    peer_defaults = PeerBenchOptions()
+
+    def names(text: str) -> list[str]:
+        return [t for t in text.replace(" ", "").split(",") if t]
+
     p = sub.add_parser("bench", help="benchmark PIPO against regular decoding and transformers "
-                                     "eager on a built-in shape (random weights)")
-    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default="tiny")
+                                     "eager on a built-in shape (random weights); --peers: "
+                                     "against ONNX Runtime GenAI and llama.cpp")
+    p.add_argument("--shape", choices=("tiny", "small", "qwen3.5-0.8b"), default=None,
+                   help=f"default: tiny, or {peer_defaults.shape} with --peers")
     p.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers")
     p.add_argument("--contexts", type=_ids, default=[1024, 4096],
                    help="prompt lengths in tokens, comma-separated (default 1024,4096)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
-    p.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured rounds (after one warm-up round; with --peers every "
+                        "measurement has its own warm-up run)")
     p.add_argument("--threshold", type=float, default=0.5, help="tau of the gated PIPO run")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"intra-op threads of every tool (default: {peer_defaults.threads} "
+                        "with --peers, else ONNX Runtime's default)")
     p.add_argument("--workdir", default="build/bench",
                    help="where checkpoints and exports are written and reused")
     p.add_argument("--rebuild", action="store_true", help="export again even if present")
     p.add_argument("--json", dest="json_file", default=None, metavar="FILE")
     p.add_argument("--plot", dest="plot_file", default=None, metavar="FILE.png")
+    g = p.add_argument_group("peers (--peers)")
+    g.add_argument("--peers", type=names, nargs="?", const=list(PEERS), default=None,
+                   metavar=",".join(PEERS),
+                   help="also run ONNX Runtime GenAI and llama.cpp on the same weights, each "
+                        "in its own venv under --peer-root (a peer that cannot be installed "
+                        "or run is skipped with one line); needs --shape qwen3.5-0.8b")
+    g.add_argument("--precisions", type=names, default=peer_defaults.precisions,
+                   help="our exports, PIPO and regular each: fp32,int8,int4 (default); int8/int4 "
+                        "use export --weights (skipped if the exporter refuses them)")
+    g.add_argument("--block-size", type=int, default=peer_defaults.block_size,
+                   help="int8/int4 quantization block")
+    g.add_argument("--genai-precisions", type=names, default=peer_defaults.genai_precisions,
+                   help="ONNX Runtime GenAI model builder -p values (default int4,fp32)")
+    g.add_argument("--gguf-types", type=names, default=peer_defaults.gguf_types,
+                   help="llama.cpp GGUF types (default f16,q8_0,Q4_K_M)")
+    g.add_argument("--peer-root", default=peer_defaults.peer_root,
+                   help="where the peers' venvs and the llama.cpp build live")
+    g.add_argument("--no-peer-install", action="store_true",
+                   help="use the peers' existing venvs only; skip a peer that is missing")
+    g.add_argument("--wait-idle", type=float, default=peer_defaults.wait_idle, metavar="SECONDS",
+                   help="before each measurement, wait up to this long for other processes "
+                        "to leave the cores idle")
+    g.add_argument("--retries", type=int, default=peer_defaults.retries,
+                   help="re-time a measurement other processes disturbed (>= 0.25 cores)")
 
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
     p.add_argument("source", help="checkpoint folder, PEFT adapter folder (with --base) or "

@@ -3,7 +3,6 @@ differing token only where the float64 reference itself is at a near-tie."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 class SampleRecorder:
@@ -32,13 +31,16 @@ class SampleRecorder:
 
 
 def near_tie_tokens(calls: list, got_pair: np.ndarray, ref_pair: np.ndarray, conf: np.ndarray,
-                    threshold: np.ndarray, pad_id: int, eps: float, draws: int = 16) -> bool:
-    """True when every differing token is one the float64 reference could also have picked:
-    its logits nudged by Gaussian noise of eps x max|logits| (a few draws) give the export's
-    token, or (token2 PAD vs not) its confidence is within eps of the gate threshold.
+                    threshold: np.ndarray, pad_id: int, eps: float) -> bool:
+    """True when every differing token is one the float64 reference could also have picked
+    with its logits off by up to `eps` x max|logits| of the row:
+    - greedy: the export's token's penalized logit is within 2 x that of the reference's best;
+    - sampled: the export's token is a candidate whose cumulative-probability interval lies
+      within 2 x that (as probability mass, divided by the temperature) of the slot's target
+      u x total;
+    - token2 kept vs PAD: the confidence is within eps of the gate threshold.
     calls: the reference's `sample` calls this step, in slot order (token1, token2)."""
-    from pipo_export.model.sampling import sample
-    gen = torch.Generator().manual_seed(0)
+    from pipo_export.model.sampling import candidates, penalized
     for row, slot in zip(*np.nonzero(got_pair != ref_pair)):
         if slot == 1 and pad_id in (got_pair[row, 1], ref_pair[row, 1]):
             if abs(float(conf[row]) - float(threshold[row])) <= eps:
@@ -49,10 +51,21 @@ def near_tie_tokens(calls: list, got_pair: np.ndarray, ref_pair: np.ndarray, con
         logits, sp, prompt_mask, output_mask, u, cap = calls[slot]
         one = lambda t: t[row:row + 1]  # noqa: E731
         row_sp = {k: one(v) for k, v in sp.items()}
-        scale = eps * float(logits[row].abs().max())
-        if not any(int(sample(one(logits) + scale * torch.randn(one(logits).shape, generator=gen,
-                                                                   dtype=logits.dtype),
-                              row_sp, one(prompt_mask), one(output_mask), one(u), cap)[0])
-                   == int(got_pair[row, slot]) for _ in range(draws)):
+        scores = penalized(one(logits), row_sp, one(prompt_mask), one(output_mask))[0]
+        margin = 2 * eps * float(one(logits).abs().max())
+        want, got = int(ref_pair[row, slot]), int(got_pair[row, slot])
+        temperature = float(row_sp["temperature"][0])
+        if temperature <= 0:
+            if float(scores[want] - scores[got]) > margin:
+                return False
+            continue
+        index, cdf = candidates(scores[None], row_sp, cap)
+        where = (index[0] == got).nonzero()
+        if not len(where):
+            return False
+        k = int(where[0, 0])
+        lo, hi = (float(cdf[0, k - 1]) if k else 0.0), float(cdf[0, k])
+        target = float(one(u)[0]) * float(cdf[0, -1])
+        if max(lo - target, target - hi, 0.0) > margin / temperature:
             return False
     return True

@@ -25,20 +25,19 @@ def add_tokens(mask: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.T
     return mask | (hits > 0)
 
 
-def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch.Tensor,
-           output_mask: torch.Tensor, u: torch.Tensor, cap: int) -> torch.Tensor:
-    """Pick one token per row.
-
-    logits [B, V]; sp: sampling inputs [B]; prompt_mask/output_mask [B, V] bool; u [B] uniforms
-    in [0, 1); cap: number of top candidates sampled from -> tokens [B] int64.
-    """
+def penalized(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch.Tensor,
+              output_mask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> float32 logits after the repetition and presence penalties."""
     logits = logits.float()
     rep = sp["repetition_penalty"][:, None]
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(prompt_mask | output_mask, penalized, logits)
-    logits = logits - sp["presence_penalty"][:, None] * output_mask.float()
-    greedy = torch.argmax(logits, dim=-1)
+    scaled = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | output_mask, scaled, logits)
+    return logits - sp["presence_penalty"][:, None] * output_mask.float()
 
+
+def candidates(logits: torch.Tensor, sp: dict[str, torch.Tensor], cap: int):
+    """Penalized logits [B, V] -> (token ids [B, K] best first, cumulative kept mass [B, K]):
+    temperature, top-k, top-p and min-p over the top `cap` candidates."""
     temperature = sp["temperature"]
     scaled = logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
     values, index = torch.topk(scaled, min(cap, logits.shape[-1]), dim=-1)  # [B, K] descending
@@ -49,14 +48,25 @@ def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch
     before = torch.cumsum(probs, dim=-1) - probs  # mass of better candidates
     keep = keep & (before < sp["top_p"][:, None])
     keep = keep & (probs >= sp["min_p"][:, None] * probs[:, :1])
-    probs = torch.where(keep, probs, torch.zeros_like(probs))
-    cdf = torch.cumsum(probs, dim=-1)
+    return index, torch.cumsum(torch.where(keep, probs, torch.zeros_like(probs)), dim=-1)
+
+
+def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch.Tensor,
+           output_mask: torch.Tensor, u: torch.Tensor, cap: int) -> torch.Tensor:
+    """Pick one token per row.
+
+    logits [B, V]; sp: sampling inputs [B]; prompt_mask/output_mask [B, V] bool; u [B] uniforms
+    in [0, 1); cap: number of top candidates sampled from -> tokens [B] int64.
+    """
+    logits = penalized(logits, sp, prompt_mask, output_mask)
+    greedy = torch.argmax(logits, dim=-1)
+    index, cdf = candidates(logits, sp, cap)
     target = u[:, None] * cdf[:, -1:]
     pick = (cdf <= target).sum(dim=-1)  # index of the first cdf > u * total
-    last = torch.full_like(pick, values.shape[-1] - 1)
+    last = torch.full_like(pick, index.shape[-1] - 1)
     pick = torch.where(pick > last, last, pick)  # Where, not Clip: TensorRT's Clip is float-only
     sampled = torch.gather(index, 1, pick[:, None])[:, 0]
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.where(sp["temperature"] > 0, sampled, greedy)
 
 
 def gate(token2: torch.Tensor, conf: torch.Tensor, threshold: torch.Tensor, pad_id: int) -> torch.Tensor:

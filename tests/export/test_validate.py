@@ -40,6 +40,16 @@ def test_gate_near_threshold_accepted():
     assert not near_tie_tokens(calls, got, ref, np.array([0.6]), np.array([0.5]), PAD, eps=1e-3)
 
 
+def test_sampled_token_at_a_cdf_boundary_accepted_far_rejected():
+    """Temperature 1 over four candidates; u sits on the boundary between candidates 1 and 2."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9]],
+                                    dtype=torch.float64))
+    call = _call(logits, temperature=1.0, u=0.7 - 1e-6)  # target just below cdf 0.7: token 1
+    ref, conf, thr = np.array([[1, PAD]]), np.array([0.9]), np.array([0.5])
+    assert near_tie_tokens([call], np.array([[2, PAD]]), ref, conf, thr, PAD, eps=1e-4)
+    assert not near_tie_tokens([call], np.array([[3, PAD]]), ref, conf, thr, PAD, eps=1e-4)
+
+
 # -- the export's own validation: passes honest exports, fails real bugs --------------------
 import pytest  # noqa: E402
 
