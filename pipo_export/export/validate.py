@@ -58,13 +58,18 @@ class Finding:
         return self.err <= self.limit
 
 
-def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0):
-    """Mixed-length batch -> (prefill feeds, sampling feeds, uniforms(step))."""
+def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0,
+                     open_top_k: bool = True):
+    """Mixed-length batch -> (prefill feeds, sampling feeds, uniforms(step)): a greedy row, a
+    top-k 20 row and (open_top_k) a row sampling from all of the sampler's candidates, else
+    from the top 40. A float16 export uses top-k 40 there: which of 248K nearly equal random
+    logits make the top `sample_cap` is decided by float16 rounding."""
     rng = np.random.default_rng(seed)
     ids = np.full((len(lengths), max(lengths) + max(lengths) % 2), pad, np.int64)
     for r, n in enumerate(lengths):
         ids[r, :n] = rng.integers(0, vocab - 1, n)
-    table = {"temperature": [0.0, 0.9, 1.2], "top_k": [0, 20, 0], "top_p": [1.0, 0.95, 0.8],
+    table = {"temperature": [0.0, 0.9, 1.2], "top_k": [0, 20, 0 if open_top_k else 40],
+             "top_p": [1.0, 0.95, 0.8],
              "min_p": [0.0, 0.0, 0.05], "presence_penalty": [0.0, 1.5, 0.5],
              "repetition_penalty": [1.0, 1.0, 1.2], "threshold": [-1.0, 0.5, 0.2]}
     b = len(lengths)
@@ -218,7 +223,8 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
         paths[graph] = folder / f".validate_{graph}.onnx"
         onnx.save(assemble_fn(graph, spec), str(paths[graph]))
     try:
-        feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id)
+        feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id,
+                                                     open_top_k=opts.dtype.value == "float32")
         steps = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS,
                            float16=opts.dtype.value == "float16")
     finally:
