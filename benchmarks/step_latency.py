@@ -4,9 +4,10 @@
 
 Times prefill and every decode step separately (median over repeats, after one warm-up run),
 same prompt, greedy, tau = 0.5, on three paths:
-  ort-minimal   pipo_runtime.requests's loop: numpy feeds and outputs every step (session.run)
-  pipo_runtime  PipoSession's ONNX Runtime engine: IO binding, states stay OrtValues
-  torch         pipo_export's reference step functions (eager, float32)
+  ort-minimal   plain session.run: numpy feeds and outputs every step (sessions from
+                pipo_runtime's shared_sessions)
+  pipo_runtime  the onnxruntime backend's OrtStepRunner: IO binding, states stay OrtValues
+  torch         the torch backend's TorchStepRunner (pipo_export's step functions, float32)
 ms/token divides decode time by the user tokens those steps produced (1 or 2 per step).
 """
 from __future__ import annotations
@@ -21,69 +22,64 @@ import torch
 
 from pipo_export import load_checkpoint
 from pipo_export.model.steps import PipoStep
-from pipo_export.model.sampling import sampling_tensors
+from pipo_export.model.torch_backend import TorchStepRunner
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import present_to_past
+from pipo_graphs.contract import DECODE, PREFILL, present_to_past
 from pipo_graphs.manifest import load_manifest
-from pipo_graphs.semantics import pack_prompts
-from pipo_runtime.backends.base import OrtBindingEngine
-from pipo_runtime.requests import sampling_feeds
-from pipo_runtime.runners import OrtRunner
+from pipo_runtime.backends.base import RunnerOptions
+from pipo_runtime.backends.onnxruntime import OrtStepRunner, shared_sessions
+from pipo_runtime.requests import prefill_feeds, sampling_feeds
 
 
-def time_ort(folder: Path, ids, lengths, steps: int, threshold: float, threads: int):
+def _paths(folder: Path):
     m = load_manifest(folder)
+    return m, folder / m.graphs[PREFILL].file, folder / m.graphs[DECODE].file
+
+
+def time_ort(folder: Path, prompt, steps: int, threshold: float, threads: int):
+    m, pre_path, dec_path = _paths(folder)
+    pre, dec = shared_sessions([pre_path, dec_path], RunnerOptions(threads=threads))
     fixed = sampling_feeds(SamplingParams(), threshold, 1)
-    with OrtRunner(folder / m["graphs"]["prefill_compress"]["file"], threads=threads) as pre, \
-            OrtRunner(folder / m["graphs"]["decode_unfold"]["file"], threads=threads) as dec:
+    feeds = prefill_feeds([prompt], m.model.pad_token_id, SamplingParams(), threshold, 0, [0])
+    t = time.perf_counter()
+    out = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, feeds)))
+    prefill = time.perf_counter() - t
+    names = [o.name for o in dec.get_outputs()]
+    per_step = []
+    for s in range(1, steps):
+        feeds = {"input_pair": out["pair"], **fixed, "uniforms": step_uniforms(0, [0], s),
+                 **present_to_past(out)}
         t = time.perf_counter()
-        out = pre.infer({"input_ids": ids, "lengths": lengths, **fixed,
-                         "uniforms": step_uniforms(0, [0], 0)})
-        prefill = time.perf_counter() - t
-        per_step = []
-        for s in range(1, steps):
-            feeds = {"input_pair": out["pair"], **fixed, "uniforms": step_uniforms(0, [0], s),
-                     **present_to_past(out)}
-            t = time.perf_counter()
-            out = dec.infer(feeds)
-            per_step.append(time.perf_counter() - t)
+        out = dict(zip(names, dec.run(None, feeds)))
+        per_step.append(time.perf_counter() - t)
     return prefill, per_step
 
 
-def time_session(folder: Path, ids, lengths, steps: int, threshold: float, threads: int):
-    m = load_manifest(folder)
-    fixed = sampling_feeds(SamplingParams(), threshold, 1)
-    engine = OrtBindingEngine(folder / m["graphs"]["prefill_compress"]["file"],
-                              folder / m["graphs"]["decode_unfold"]["file"],
-                              ["CPUExecutionProvider"], threads=threads)
+def time_runner(runner, pad_id: int, prompt, steps: int, threshold: float):
+    """prefill + decode steps of any StepRunner -> (prefill s, [step s], token2s kept)."""
+    feeds = prefill_feeds([prompt], pad_id, SamplingParams(), threshold, 0, [0])
     t = time.perf_counter()
-    engine.prefill({"input_ids": ids, "lengths": lengths, **fixed,
-                    "uniforms": step_uniforms(0, [0], 0)})
+    runner.prefill(feeds)
     prefill = time.perf_counter() - t
     per_step, kept = [], 0
     for s in range(1, steps):
         u = step_uniforms(0, [0], s)
         t = time.perf_counter()
-        pair, _ = engine.decode(u)
+        pair, _ = runner.decode(u)
         per_step.append(time.perf_counter() - t)
-        kept += int(pair[0, 1] != m["model"]["pad_token_id"])
+        kept += int(pair[0, 1] != pad_id)
     return prefill, per_step, kept
 
 
-@torch.no_grad()
-def time_torch(model, ids, lengths, steps: int, threshold: float):
-    step = PipoStep(model)
-    sp = sampling_tensors(SamplingParams(), 1, threshold)
-    t = time.perf_counter()
-    pair, _, st = step.prefill(torch.from_numpy(ids), torch.from_numpy(lengths), sp,
-                               torch.from_numpy(step_uniforms(0, [0], 0)))
-    prefill = time.perf_counter() - t
-    per_step = []
-    for s in range(1, steps):
-        t = time.perf_counter()
-        pair, _, st = step.decode(pair, st, sp, torch.from_numpy(step_uniforms(0, [0], s)))
-        per_step.append(time.perf_counter() - t)
-    return prefill, per_step
+def time_session(folder: Path, prompt, steps: int, threshold: float, threads: int):
+    m, pre_path, dec_path = _paths(folder)
+    runner = OrtStepRunner(pre_path, dec_path, RunnerOptions(threads=threads))
+    return time_runner(runner, m.model.pad_token_id, prompt, steps, threshold)
+
+
+def time_torch(model, prompt, steps: int, threshold: float):
+    runner = TorchStepRunner(PipoStep(model))
+    return time_runner(runner, model.config.pad_token_id, prompt, steps, threshold)[:2]
 
 
 def main() -> None:
@@ -99,12 +95,11 @@ def main() -> None:
     model = load_checkpoint(a.checkpoint)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.config.vocab_size - 2, a.prompt_tokens).tolist()
-    ids, lengths = pack_prompts([prompt], model.config.pad_token_id)
-    paths = {"ort-minimal": lambda: time_ort(Path(a.export), ids, lengths, a.steps, a.threshold,
+    paths = {"ort-minimal": lambda: time_ort(Path(a.export), prompt, a.steps, a.threshold,
                                              a.threads),
-             "pipo_runtime": lambda: time_session(Path(a.export), ids, lengths, a.steps,
-                                                  a.threshold, a.threads),
-             "torch": lambda: time_torch(model, ids, lengths, a.steps, a.threshold)}
+             "pipo_runtime": lambda: time_session(Path(a.export), prompt, a.steps, a.threshold,
+                                                  a.threads),
+             "torch": lambda: time_torch(model, prompt, a.steps, a.threshold)}
     results = {name: [] for name in paths}
     for r in range(a.repeats + 1):  # first round is warm-up
         for name, fn in paths.items():

@@ -38,10 +38,14 @@ def near_tie_tokens(calls: list, got_pair: np.ndarray, ref_pair: np.ndarray, con
     - sampled: the export's token is a candidate whose cumulative-probability interval lies
       within 2 x that (as probability mass, divided by the temperature) of the slot's target
       u x total;
-    - token2 kept vs PAD: the confidence is within eps of the gate threshold.
+    - token2 kept vs PAD: the confidence is within eps of the gate threshold;
+    - token2 of a row whose token1 differed (at a near-tie): not comparable (the MTP head reads
+      token1), so accepted.
     calls: the reference's `sample` calls this step, in slot order (token1, token2)."""
     from pipo_export.model.sampling import candidates, penalized
     for row, slot in zip(*np.nonzero(got_pair != ref_pair)):
+        if slot == 1 and got_pair[row, 0] != ref_pair[row, 0]:
+            continue  # token2 is conditioned on token1: after a near-tie token1 it cannot compare
         if slot == 1 and pad_id in (got_pair[row, 1], ref_pair[row, 1]):
             if abs(float(conf[row]) - float(threshold[row])) <= eps:
                 continue

@@ -16,8 +16,8 @@ from pipo_runtime import GenerationConfig, PipoSession
 from conftest import run_cli
 
 
-def test_compare_three_backends_agree(ort_export):
-    proc = run_cli("compare", str(ort_export), "--backends", "torch,onnxruntime,onnx-reference",
+def test_compare_three_backends_agree(trt_export):
+    proc = run_cli("compare", str(trt_export), "--backends", "torch,onnxruntime,onnx-reference",
                    "--steps", "5", "--json")
     report = json.loads(proc.stdout)
     assert report["passed"] and report["reference"] == "torch"
@@ -28,10 +28,15 @@ def test_compare_three_backends_agree(ort_export):
         assert 0 < b["commit_rate"] <= 1
 
 
-def test_compare_table_output(ort_export):
-    out = run_cli("compare", str(ort_export), "--backends", "onnxruntime,onnx-reference",
+def test_compare_table_output(trt_export):
+    out = run_cli("compare", str(trt_export), "--backends", "onnxruntime,onnx-reference",
                   "--steps", "3").stdout
     assert "compare PASSED" in out and "agree on every step" in out
+
+
+def test_onnx_reference_refuses_contrib_ops(ort_export):
+    assert "ONNX Runtime contrib ops" in _user_error("compare", str(ort_export), "--backends",
+                                                     "onnxruntime,onnx-reference", "--steps", "2")
 
 
 def _altered(src, dst, scale: float):

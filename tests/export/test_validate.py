@@ -1,6 +1,8 @@
 """Export validation: a token may differ from the float64 reference only at a near-tie."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -50,6 +52,17 @@ def test_sampled_token_at_a_cdf_boundary_accepted_far_rejected():
     assert not near_tie_tokens([call], np.array([[3, PAD]]), ref, conf, thr, PAD, eps=1e-4)
 
 
+def test_token2_after_a_near_tie_token1_is_not_compared_but_after_a_real_error_fails():
+    tie = torch.tensor([[0.0, 3.0, 3.0 + 1e-7, 1.0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    clear = torch.tensor([[0.0, 3.0, 5.0, 1.0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    conf, thr = np.array([0.9]), np.array([0.5])
+    ref, got = np.array([[2, 3]]), np.array([[1, 7]])  # token2 follows a different token1
+    assert near_tie_tokens([_call(tie), _call(clear)], got, ref, conf, thr, PAD, eps=1e-3)
+    assert not near_tie_tokens([_call(clear), _call(clear)], got, ref, conf, thr, PAD, eps=1e-3)
+    same1 = np.array([[2, 7]])  # same token1: token2 is judged on its own logits
+    assert not near_tie_tokens([_call(tie), _call(clear)], same1, ref, conf, thr, PAD, eps=1e-3)
+
+
 # -- the export's own validation: passes honest exports, fails real bugs --------------------
 import pytest  # noqa: E402
 
@@ -78,8 +91,13 @@ class _View:
 def _inject_weights(monkeypatch, get):
     """Make the export write weights through `get` (validation still reads the checkpoint)."""
     real = pipeline.write_weights
-    monkeypatch.setattr(pipeline, "write_weights",
-                        lambda source, *a, **k: real(_View(source, get), *a, **k))
+
+    def write(reader, *a, **k):
+        bad = copy.copy(reader)  # a WeightReader over the rewritten source, for writing only
+        bad.source = _View(reader.source, get)
+        return real(bad, *a, **k)
+
+    monkeypatch.setattr(pipeline, "write_weights", write)
 
 
 def _noisy(source, name):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
-from pipo_export.model.steps import MtpContext
 from pipo_graphs import SamplingParams
 
 from conftest import run_json
@@ -23,8 +22,7 @@ def _tau(expected, i, mode):
 def test_fixture_greedy_pairs_through_cli(tiny_ref, expected, i, mode):
     ids = ",".join(str(t) for t in expected[f"prompt{i}"])
     out = run_json("run", str(tiny_ref), "--backend", "torch", "--temperature", "0", "--ids", ids,
-                   "--max-steps", "12", "--threshold", str(_tau(expected, i, mode)),
-                   "--mtp-context", "first-slot")
+                   "--max-steps", "12", "--threshold", str(_tau(expected, i, mode)))
     assert out["pairs"] == expected[f"greedy{i}_{mode}"].tolist()
     if mode != "skip":  # the skip regime does not run the confidence head
         assert np.abs(np.array(out["confidence"]) - expected[f"greedy{i}_{mode}_conf"]).max() < 1e-4
@@ -38,7 +36,7 @@ def test_full_context_decode_equals_teacher_forcing(ref_model, expected):
     """PIPO_SPEC semantics: each decode-step MTP sees all earlier MTP positions, exactly as the
     teacher-forced forward over the generated sequence (an independent code path)."""
     prompt = expected["prompt1"].tolist()
-    out = ReferenceDecoder(ref_model, mtp_context=MtpContext.FULL).generate(
+    out = ReferenceDecoder(ref_model).generate(
         [prompt], GenerateOptions(max_steps=10, threshold=-1.0))[0]
     seq = prompt + [t for p in out.pairs for t in p]
     bl, ml, cf = ref_model.teacher_forced(torch.tensor([seq]))

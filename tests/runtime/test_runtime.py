@@ -21,19 +21,23 @@ def _tau(expected, i, mode) -> float:
     return {"free": -1.0, "gate": float(expected[f"gate{i}"]), "skip": 1.0}[mode]
 
 
+RUNS = {"ort-contrib": (Backend.ONNXRUNTIME, "ort"), "ort-standard": (Backend.ONNXRUNTIME, "trt"),
+        "onnx-reference": (Backend.ONNX_REFERENCE, "trt")}  # onnx's evaluator: standard ops only
+
+
 @pytest.fixture(scope="module")
-def sessions(ort_export):
-    out = {b: PipoSession.load(ort_export, backend=b)
-           for b in (Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE)}
+def sessions(ort_export, trt_export):
+    folders = {"ort": ort_export, "trt": trt_export}
+    out = {run: PipoSession.load(folders[f], backend=b) for run, (b, f) in RUNS.items()}
     yield out
     for s in out.values():
         s.close()
 
 
-@pytest.mark.parametrize("backend", [Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE])
-def test_fixture_greedy_pairs_exact(sessions, expected, backend):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_fixture_greedy_pairs_exact(sessions, expected, run):
     """expected.npz (the authors' generator): 2 prompts x 3 gate regimes, 12 pairs each."""
-    session = sessions[backend]
+    session, backend = sessions[run], run
     for i in (0, 1):
         for mode in MODES:
             config = GenerationConfig(max_steps=12, threshold=_tau(expected, i, mode))
@@ -60,7 +64,7 @@ def test_seeded_sampling_identical_on_three_backends(trt_export):
 
 
 def test_stream_yields_exactly_what_generate_returns(sessions):
-    session = sessions[Backend.ONNXRUNTIME]
+    session = sessions["ort-contrib"]
     prompts = [[5, 17, 300, 42, 7], list(range(20, 60))]
     config = GenerationConfig(max_steps=9, threshold=0.5, sampling=SAMPLED, seed=4)
     streamed = [[] for _ in prompts]
@@ -90,7 +94,7 @@ def test_text_stream_and_stop_string(layout_export):
 
 
 def test_mixed_batch_equals_each_prompt_alone(sessions):
-    session = sessions[Backend.ONNXRUNTIME]
+    session = sessions["ort-contrib"]
     prompts = [[5, 17, 300], list(range(40, 51)), list(range(7, 140)), [99, 98]]
     config = dict(max_steps=10, threshold=0.5, sampling=SAMPLED, seed=8)
     batch = session.generate(prompts, GenerationConfig(**config)).sequences
@@ -98,11 +102,12 @@ def test_mixed_batch_equals_each_prompt_alone(sessions):
         # seq_offset gives the lone prompt the batch row's random stream
         alone = session.generate([prompt], GenerationConfig(**config, seq_offset=row)).sequences[0]
         assert alone.pairs == batch[row].pairs, row
-        np.testing.assert_allclose(alone.confidence, batch[row].confidence, atol=1e-5)
+        # float32: batch size changes MLAS's GEMM blocking, so sums round differently
+        np.testing.assert_allclose(alone.confidence, batch[row].confidence, atol=1e-4)
 
 
 def test_max_new_tokens_and_stop_ids(sessions):
-    session = sessions[Backend.ONNXRUNTIME]
+    session = sessions["ort-contrib"]
     full = session.generate([[5, 17, 300]], GenerationConfig(max_steps=8)).sequences[0]
     seq = session.generate([[5, 17, 300]], GenerationConfig(max_new_tokens=5)).sequences[0]
     assert seq.tokens == full.tokens[:5] and seq.finish_reason == "length"
@@ -113,7 +118,7 @@ def test_max_new_tokens_and_stop_ids(sessions):
 
 
 def test_timings_reported(sessions):
-    result = sessions[Backend.ONNXRUNTIME].generate([[5, 17, 300]], GenerationConfig(max_steps=6))
+    result = sessions["ort-contrib"].generate([[5, 17, 300]], GenerationConfig(max_steps=6))
     assert result.steps == 6 and result.ttft_s > 0 and result.decode_s > 0
     assert result.ms_per_step > 0 and result.ms_per_token > 0
 

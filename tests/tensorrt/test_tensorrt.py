@@ -26,10 +26,10 @@ from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineM
     EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
     resolve_shape, select_profile
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import ManifestError, file_entries, sha256_file
+from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
 from pipo_export.tensorrt.profiles import BuildError, Precision, context_limits, derive_profiles, \
     input_shapes, parse_profile_bounds, resolve_precision
-from pipo_runtime.requests import check_request
+from pipo_runtime.requests import ModelFacts, check_request
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 GPU = GpuInfo("NVIDIA Test GPU", "8.6")
@@ -55,7 +55,7 @@ def fake_manifest(mode="pipo", max_context=64, target="tensorrt", dtype="float32
                   "num_key_value_heads": 2, "head_dim": 4, "pad_token_id": 31,
                   "eos_token_ids": [], "compressor_type": "mlp", "max_context": max_context},
         "export": {"mode": mode, "target": target, "dtype": dtype, "opset": 18,
-                   "sample_cap": 32, "mtp_context": "full", "tool_versions": {}},
+                   "sample_cap": 32, "tool_versions": {}},
         "graphs": {
             PREFILL: {"file": "prefill_compress.onnx",
                       "inputs": [{"name": "input_ids", "dtype": "int64",
@@ -69,6 +69,7 @@ def fake_manifest(mode="pipo", max_context=64, target="tensorrt", dtype="float32
                      "outputs": head + [dict(s, name=PRESENT + s["name"]) for s in st]}},
         "weights": {"file": "weights.data", "tensors": 0, "bytes": 4},
         "states": st,
+        "files": {},
     }
 
 
@@ -131,10 +132,11 @@ def test_profiles_partition_every_request_the_runtime_accepts(mode, bounds):
     assert len(profiles) == len(bounds) + 1
     assert all(p.prompt_tokens.min % 2 == 0 and p.prompt_tokens.max % 2 == 0 for p in profiles)
     k = 2 if mode == "regular" else 1
+    facts = ModelFacts.from_manifest(Manifest.from_json(manifest))
     for length in range(1, n):
         for steps in range(1, n):
             try:
-                check_request(manifest, [[1] * length], steps)
+                check_request(facts, [[1] * length], steps)
             except PipoUserError:
                 continue
             t = length + length % 2
@@ -502,19 +504,19 @@ def _feeds(prompts, pad=511):
 
 
 def test_trt_engine_ping_pong_matches_onnxruntime(trt_export, tmp_path):
-    """TrtEngine over stand-in engines vs OrtBindingEngine: same outputs every step, across
+    """TensorRTStepRunner over stand-in engines vs OrtStepRunner: same outputs every step, across
     optimization-profile switches; buffers allocated once, only pair/confidence downloaded."""
     from pipo_graphs import step_uniforms
-    from pipo_runtime.backends.base import OrtBindingEngine
-    from pipo_runtime.backends.tensorrt import TrtEngine
+    from pipo_runtime.backends.onnxruntime import OrtStepRunner
+    from pipo_runtime.backends.tensorrt import TensorRTStepRunner
     folder = tmp_path / "trt"
-    manifest = fake_engines(trt_export, folder, max_batch=2, max_context=64, bounds=(16, 24))
+    manifest = Manifest.from_json(fake_engines(trt_export, folder, max_batch=2, max_context=64,
+                                               bounds=(16, 24)))
     device = FakeDevice()
     trt = FakeTrt(device)
-    engine = TrtEngine(folder, manifest, trt=trt, device=device, gpu=GPU)
-    ref = OrtBindingEngine(folder / "prefill_compress.onnx", folder / "decode_unfold.onnx",
-                           ["CPUExecutionProvider"])
-    assert engine.restrict(manifest)["model"]["max_context"] == 64
+    engine = TensorRTStepRunner(folder, manifest, trt=trt, device=device, gpu=GPU)
+    ref = OrtStepRunner(folder / "prefill_compress.onnx", folder / "decode_unfold.onnx")
+    assert engine.facts(ModelFacts.from_manifest(manifest)).max_context == 64
     prompts = [list(range(40, 51)), [5, 17, 300]]  # 12 tokens -> 6 pairs: profile 0
     feeds = _feeds(prompts)
     for step in range(8):  # past slots 6..12 cross into profile 1 at 9

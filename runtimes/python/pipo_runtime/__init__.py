@@ -7,8 +7,11 @@
 from pipo_graphs import SamplingParams
 from pipo_graphs.errors import PipoUserError
 
-from pipo_runtime.backend import Backend
+from pipo_runtime.backends import Backend
+from pipo_runtime.backends.base import OrtOptimization, RunnerOptions, StepRunner
+from pipo_runtime.requests import ModelFacts
 from pipo_runtime.session import GenerationConfig, GenerationResult, PipoSession, SequenceResult, StreamEvent
 
-__all__ = ["Backend", "GenerationConfig", "GenerationResult", "PipoSession", "PipoUserError",
-           "SamplingParams", "SequenceResult", "StreamEvent"]
+__all__ = ["Backend", "GenerationConfig", "GenerationResult", "ModelFacts", "OrtOptimization",
+           "PipoSession", "PipoUserError", "RunnerOptions", "SamplingParams", "SequenceResult",
+           "StepRunner", "StreamEvent"]

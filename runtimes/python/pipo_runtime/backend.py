@@ -1,9 +1,3 @@
-"""Backends a PIPO generation can run on."""
-from enum import Enum
-
-
-class Backend(str, Enum):
-    TORCH = "torch"  # pipo_export's reference decoder (needs torch; never imported by the runtime)
-    ONNXRUNTIME = "onnxruntime"
-    ONNX_REFERENCE = "onnx-reference"
-    TENSORRT = "tensorrt"
+"""Transitional: `Backend` moved to pipo_runtime.backends (the registry); import it from there
+or from pipo_runtime. Remove once pipo_export/cli/parser.py imports it from pipo_runtime."""
+from pipo_runtime.backends import Backend  # noqa: F401

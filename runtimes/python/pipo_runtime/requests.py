@@ -1,18 +1,36 @@
-"""Host-side pieces every runtime loop shares: request checks, the prefill feeds, and
-`generate_with`, generation over any two GraphRunners (numpy feeds, no IO binding)."""
+"""Host-side pieces of a request every backend shares: the model facts a request is checked
+against, the checks, and the prefill feeds (the one numpy builder of the sampling inputs)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipo_graphs import step_uniforms
 from pipo_graphs.contract import SAMPLING_INPUTS, UNIFORMS
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.semantics import SequenceOutput, pack_prompts
+from pipo_graphs.manifest import Manifest
+from pipo_graphs.semantics import pack_prompts
 
-from pipo_runtime.runners import GraphRunner
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the generation loop needs to know about a model: from an export's manifest
+    (`from_manifest`) or from a checkpoint's config (the torch backend)."""
+
+    pad_id: int
+    eos_ids: frozenset[int]
+    vocab_size: int
+    max_context: int  # tokens (prompt + generated) a request may use
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "ModelFacts":
+        m = manifest.model
+        return cls(m.pad_token_id, frozenset(m.eos_token_ids), m.vocab_size, m.max_context)
 
 
 def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray]:
+    """SamplingParams + threshold -> the sampling graph inputs, each [batch]."""
     values = dict(vars(params), threshold=threshold)
     return {n: np.full((batch,), values[n], dtype=dt) for n, dt in SAMPLING_INPUTS}
 
@@ -26,27 +44,14 @@ def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: fl
             UNIFORMS: step_uniforms(seed, seqs, 0)}
 
 
-def check_request(manifest: dict, prompts: list[list[int]], max_steps: int) -> None:
-    vocab, max_context = manifest["model"]["vocab_size"], manifest["model"]["max_context"]
+def check_request(facts: ModelFacts, prompts: list[list[int]], max_steps: int) -> None:
+    """Ids inside the vocabulary, prompt plus steps within max_context (PipoUserError)."""
     for p in prompts:
-        bad = [t for t in p if not 0 <= t < vocab]
+        bad = [t for t in p if not 0 <= t < facts.vocab_size]
         if bad:
-            raise PipoUserError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise PipoUserError(f"token ids {bad[:5]} are outside the vocabulary "
+                                f"[0, {facts.vocab_size})")
         need = len(p) + len(p) % 2 + 2 * max_steps
-        if need > max_context:
+        if need > facts.max_context:
             raise PipoUserError(f"prompt of {len(p)} tokens plus {max_steps} steps needs {need} "
-                                f"tokens of context; this export allows {max_context}")
-
-
-def generate_with(prefill: GraphRunner, decode: GraphRunner, manifest: dict,
-                  prompts: list[list[int]], max_steps: int, threshold: float, sampling, seed: int,
-                  stop_ids=(), seq_offset: int = 0) -> list[SequenceOutput]:
-    """Greedy or sampled generation over two runners (numpy feeds, no IO binding): PipoSession's
-    loop on a RunnerEngine. One SequenceOutput per prompt."""
-    from pipo_runtime.backends.base import RunnerEngine
-    from pipo_runtime.session import GenerationConfig, PipoSession
-
-    session = PipoSession(None, manifest, RunnerEngine(prefill, decode), tokenizer=None)
-    config = GenerationConfig(max_steps=max_steps, threshold=threshold, sampling=sampling,
-                              seed=seed, seq_offset=seq_offset, stop_token_ids=tuple(stop_ids))
-    return session.generate(prompts, config).sequences
+                                f"tokens of context; this export allows {facts.max_context}")

@@ -1,4 +1,5 @@
-"""PipoSession: load an export folder once, then generate or stream.
+"""PipoSession: load an export folder (or, on the torch backend, a checkpoint folder) once, then
+generate or stream. Its loop is the only generation loop: every backend runs through it.
 
     session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
     result = session.generate(["Hello"] or [[5, 17, 300]], GenerationConfig(max_new_tokens=64))
@@ -6,27 +7,20 @@
 """
 from __future__ import annotations
 
-import importlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import DECODE, PREFILL
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import load_manifest
+from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
 from pipo_graphs.semantics import SequenceOutput
 
-from pipo_runtime.backend import Backend
-from pipo_runtime.backends.base import Engine, OrtBindingEngine, RunnerEngine
-from pipo_runtime.requests import check_request, prefill_feeds
-from pipo_runtime.runners import OnnxReferenceRunner
+from pipo_runtime.backends import Backend, backend_module, parse_backend
+from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds
 from pipo_runtime.text import encode, load_tokenizer
-
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                    "tensorrt": "TensorrtExecutionProvider"}
 
 
 @dataclass
@@ -87,54 +81,30 @@ class StreamEvent:
 
 
 class PipoSession:
-    """A loaded export (or, for Backend.TORCH, its source checkpoint)."""
+    """A model on one backend: its StepRunner, the model facts requests are checked against,
+    the tokenizer (when the folder has one) and, for an export, its manifest."""
 
-    def __init__(self, folder: Path, manifest: dict, engine: Engine, tokenizer):
-        self.folder, self.manifest, self.engine, self.tokenizer = folder, manifest, engine, tokenizer
-        self.pad_id = manifest["model"]["pad_token_id"]
-        self.eos_ids = set(manifest["model"]["eos_token_ids"])
+    def __init__(self, folder: Path | None, facts: ModelFacts, runner: StepRunner,
+                 tokenizer=None, manifest: Manifest | None = None):
+        self.folder, self.runner, self.tokenizer, self.manifest = folder, runner, tokenizer, manifest
+        self.facts = runner.facts(facts)
 
     @classmethod
     def load(cls, folder, backend: Backend | str = Backend.ONNXRUNTIME,
-             providers: list[str] | None = None, threads: int = 0, session_options=None,
-             checkpoint: str | None = None) -> "PipoSession":
-        """Check the manifest (contract version, sha256 of every file), then load the backend."""
+             options: RunnerOptions | None = None, **option_fields) -> "PipoSession":
+        """Check the manifest (every field, contract version, sha256 of every file), then load
+        the backend. `options` or its fields as keywords (providers=, threads=,
+        session_options=, optimization=, checkpoint=, base=, dtype=; see RunnerOptions).
+        A backend with RUNS_CHECKPOINTS (torch) also takes a checkpoint folder (no manifest)."""
         folder = Path(folder)
-        manifest = load_manifest(folder)
-        try:
-            backend = Backend(backend)
-        except ValueError:
-            raise PipoUserError(f"unknown backend {backend!r}; choose from "
-                                f"{', '.join(b.value for b in Backend)}") from None
-        files = [folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)]
-        if backend == Backend.ONNXRUNTIME:
-            import onnxruntime as ort
-            names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
-            missing = [p for p in names if p not in ort.get_available_providers()]
-            if missing:
-                raise PipoUserError(f"ONNX Runtime providers {missing} are not available here "
-                                    f"(available: {ort.get_available_providers()})")
-            engine = OrtBindingEngine(files[0], files[1], names, session_options, threads)
-        elif backend == Backend.ONNX_REFERENCE:
-            engine = RunnerEngine(OnnxReferenceRunner(files[0]), OnnxReferenceRunner(files[1]))
-        elif backend == Backend.TORCH:
-            source = checkpoint or manifest["export"].get("source")
-            if not source or not Path(source).is_dir():
-                raise PipoUserError(f"the torch backend needs the export's source checkpoint "
-                                    f"({source} not found); pass its folder")
-            try:  # the compiler package; never imported for the other backends
-                TorchEngine = importlib.import_module("pipo_export.model.torch_backend").TorchEngine
-            except ImportError as exc:
-                raise PipoUserError(f"the torch backend needs torch and pipo-export installed "
-                                    f"({exc}); use --backend onnxruntime") from None
-            engine = TorchEngine(source, manifest["export"]["mtp_context"],
-                                 manifest["export"]["sample_cap"],
-                                 manifest["export"].get("mode", "pipo"))
-        else:  # Backend.TENSORRT: engines.json + *.engine from `pipo-export build`
-            from pipo_runtime.backends.tensorrt import TrtEngine
-            engine = TrtEngine(folder, manifest)
-            manifest = engine.restrict(manifest)  # max_context the engines were built for
-        return cls(folder, manifest, engine, load_tokenizer(folder))
+        options = replace(options or RunnerOptions(), **option_fields)
+        module = backend_module(parse_backend(backend))
+        manifest = None
+        if (folder / MANIFEST).is_file() or not getattr(module, "RUNS_CHECKPOINTS", False):
+            manifest = load_manifest(folder)
+        runner = module.load(folder, manifest, options)
+        facts = ModelFacts.from_manifest(manifest) if manifest else None
+        return cls(folder, facts, runner, load_tokenizer(folder), manifest)
 
     def _prompts(self, prompts) -> list[list[int]]:
         if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
@@ -151,27 +121,28 @@ class PipoSession:
         prompts = self._prompts(prompts)
         steps = config.steps()
         config.sampling.validate()
-        check_request(self.manifest, prompts, steps)
+        check_request(self.facts, prompts, steps)
         seqs = [config.seq_offset + i for i in range(len(prompts))]
-        feeds = prefill_feeds(prompts, self.pad_id, config.sampling, config.threshold,
+        feeds = prefill_feeds(prompts, self.facts.pad_id, config.sampling, config.threshold,
                               config.seed, seqs)
         outs = [SequenceResult() for _ in prompts]
         texts = ["" for _ in prompts]
         stop_ids = set(config.stop_token_ids)
         result = GenerationResult(outs)
         start = time.perf_counter()
-        pair, conf = self.engine.prefill(feeds)
+        pair, conf = self.runner.prefill(feeds)
         result.ttft_s = time.perf_counter() - start
         for step in range(steps):
             if step:
                 t = time.perf_counter()
-                pair, conf = self.engine.decode(step_uniforms(config.seed, seqs, step))
+                pair, conf = self.runner.decode(step_uniforms(config.seed, seqs, step))
                 result.decode_s += time.perf_counter() - t
             result.steps = step + 1
             for row, out in enumerate(outs):
                 if out.done:
                     continue
-                new = out.add_pair(pair[row], conf[row], self.pad_id, self.eos_ids, stop_ids)
+                new = out.add_pair(pair[row], conf[row], self.facts.pad_id, self.facts.eos_ids,
+                                   stop_ids)
                 new = self._limit(out, new, config)
                 if step == 0:
                     out.prefill_tokens = len(out.tokens)
@@ -223,4 +194,4 @@ class PipoSession:
         return delta
 
     def close(self) -> None:
-        self.engine.close()
+        self.runner.close()

@@ -21,25 +21,25 @@ invalid at the next step.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, \
     SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.dtypes import ITEMSIZE, itemsize, numpy_dtype
 from pipo_graphs.engine_manifest import GpuInfo, check_compatibility, engine_profiles, \
     load_engine_manifest, prompt_slots, resolve_shape, select_profile
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import Manifest, StateInfo
 
-from pipo_runtime.backends.base import BackendError, Engine
+from pipo_runtime.backends.base import BackendError, RunnerOptions, StepRunner
+from pipo_runtime.requests import ModelFacts
 
 INSTALL = ("install it on a host with an NVIDIA GPU: pip install tensorrt-cu12 polygraphy "
            "(tensorrt-cu13 for CUDA 13; wheels come from https://pypi.nvidia.com); "
            "see README.md, section TensorRT")
-# dtype name -> (numpy storage dtype, bytes); bfloat16 is stored as uint16
-NP = {"float32": (np.float32, 4), "float16": (np.float16, 2), "bfloat16": (np.uint16, 2),
-      "int64": (np.int64, 8), "int32": (np.int32, 4), "bool": (np.bool_, 1)}
 CUDA_DEV_ATTR_CC_MAJOR, CUDA_DEV_ATTR_CC_MINOR = 75, 76
 
 
@@ -157,7 +157,7 @@ def _host(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
-class TrtEngine(Engine):
+class TensorRTStepRunner(StepRunner):
     """prefill/decode/outputs over the two TensorRT engines (see the module doc).
 
     `trt`, `device` and `gpu` default to the real TensorRT module, a CudaDevice and the
@@ -165,20 +165,20 @@ class TrtEngine(Engine):
 
     name = "tensorrt"
 
-    def __init__(self, folder, manifest: dict, trt=None, device=None, gpu: GpuInfo | None = None):
+    def __init__(self, folder, manifest: Manifest, trt=None, device=None,
+                 gpu: GpuInfo | None = None):
         folder = Path(folder)
         self.trt = trt or require_tensorrt()
         gpu = gpu or gpu_info()
-        self.em = load_engine_manifest(folder, manifest)
+        self.em = load_engine_manifest(folder, manifest.to_json())
         self.warnings = check_compatibility(self.em, self.trt.__version__, gpu, folder)
         self.manifest, self.profiles = manifest, engine_profiles(self.em)
         self.mode = self.em["export"]["mode"]
         limits = self.em["limits"]
         self.max_batch, self.max_slots = limits["max_batch"], limits["max_slots"]
         self.max_context = limits["max_context"]
-        self.states = manifest["states"]
-        self.dtypes = {t["name"]: t["dtype"] for g in (PREFILL, DECODE)
-                       for t in manifest["graphs"][g]["inputs"] + manifest["graphs"][g]["outputs"]}
+        self.states = manifest.states
+        self.dtypes = manifest.tensor_dtypes()
         self.device = device or CudaDevice()
         self.buffers: dict = {}
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
@@ -198,22 +198,20 @@ class TrtEngine(Engine):
         self.step, self.batch, self.slots = -1, 0, 0
         self.pending: list[np.ndarray] = []
 
-    def restrict(self, manifest: dict) -> dict:
-        """The export manifest with max_context lowered to what the engines were built for, so
+    def facts(self, facts: ModelFacts | None) -> ModelFacts:
+        """The export's facts with max_context lowered to what the engines were built for, so
         the session's request check refuses prompts the profiles do not cover."""
-        model = dict(manifest["model"], max_context=min(self.max_context,
-                                                        manifest["model"]["max_context"]))
-        return dict(manifest, model=model)
+        facts = super().facts(facts)
+        return replace(facts, max_context=min(self.max_context, facts.max_context))
 
     def _check_io(self, graph: str, engine, file: str) -> None:
-        spec = self.manifest["graphs"][graph]
-        want = {t["name"]: t["dtype"] for t in spec["inputs"] + spec["outputs"]}
+        want = {t.name: t.dtype for t in self.manifest.graphs[graph].tensors()}
         have = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if set(have) != set(want):
             diff = sorted(set(have) ^ set(want))[:4]
             raise BackendError(f"{file}: engine I/O differs from the manifest ({diff}); rebuild "
                                "the engines from this export")
-        names = {getattr(self.trt, a): a for a in NP if hasattr(self.trt, a)}
+        names = {getattr(self.trt, a): a for a in ITEMSIZE if hasattr(self.trt, a)}
         for name in have:
             got = names.get(engine.get_tensor_dtype(name), str(engine.get_tensor_dtype(name)))
             if got != want[name]:
@@ -233,21 +231,21 @@ class TrtEngine(Engine):
         return buf.ptr
 
     def _upload(self, key: str, array: np.ndarray) -> tuple[int, tuple]:
-        array = np.ascontiguousarray(array, dtype=NP[self.dtypes[key]][0])
+        array = np.ascontiguousarray(array, dtype=numpy_dtype(self.dtypes[key]))
         ptr = self._ensure(key, array.nbytes)
         self.device.upload(ptr, array)
         self.pending.append(array)
         return ptr, array.shape
 
-    def _state_shape(self, state: dict, slots: int) -> tuple[int, ...]:
-        return resolve_shape(state["shape"], {"batch": self.batch, "past_pairs": slots})
+    def _state_shape(self, state: StateInfo, slots: int) -> tuple[int, ...]:
+        return resolve_shape(state.shape, {"batch": self.batch, "past_pairs": slots})
 
     def _allocate_generation(self) -> None:
         """Two full-size sets (ping-pong) of every state and of pair, for this batch."""
         for s in self.states:
-            nbytes = _volume(self._state_shape(s, self.max_slots)) * NP[s["dtype"]][1]
+            nbytes = _volume(self._state_shape(s, self.max_slots)) * itemsize(s.dtype)
             for side in (0, 1):
-                self._ensure((s["name"], side), nbytes)
+                self._ensure((s.name, side), nbytes)
         for side in (0, 1):
             self._ensure((PAIR, side), self.batch * 2 * 8)
         self._ensure(CONFIDENCE, self.batch * 4)
@@ -257,8 +255,8 @@ class TrtEngine(Engine):
         out = {PAIR: (self.buffers[(PAIR, side)].ptr, (self.batch, 2)),
                CONFIDENCE: (self.buffers[CONFIDENCE].ptr, (self.batch,))}
         for s in self.states:
-            out[PRESENT + s["name"]] = (self.buffers[(s["name"], side)].ptr,
-                                        self._state_shape(s, slots))
+            out[PRESENT + s.name] = (self.buffers[(s.name, side)].ptr,
+                                     self._state_shape(s, slots))
         return out
 
     # ------------------------------------------------------------------ steps
@@ -326,8 +324,8 @@ class TrtEngine(Engine):
         prev, cur = self.step % 2, (self.step + 1) % 2
         inputs = {"input_pair": (self.buffers[(PAIR, prev)].ptr, (self.batch, 2))}
         for s in self.states:
-            inputs[PAST + s["name"]] = (self.buffers[(s["name"], prev)].ptr,
-                                        self._state_shape(s, self.slots))
+            inputs[PAST + s.name] = (self.buffers[(s.name, prev)].ptr,
+                                     self._state_shape(s, self.slots))
         inputs.update(self.fixed)
         inputs[UNIFORMS] = self._upload(UNIFORMS, uniforms)
         self._run(DECODE, inputs, self._outputs(cur, self.slots + 1), self.slots)
@@ -338,7 +336,7 @@ class TrtEngine(Engine):
         """Every output of the last step, copied to the host (for compare; not per step)."""
         host = {}
         for name, (ptr, shape) in self.last.items():
-            array = np.empty(shape, NP[self.dtypes[name]][0])
+            array = np.empty(shape, numpy_dtype(self.dtypes[name]))
             self.device.download(array, ptr)
             host[name] = array
         self.device.synchronize()
@@ -352,3 +350,8 @@ class TrtEngine(Engine):
         self.engines.clear()
         if hasattr(self.device, "close"):
             self.device.close()
+
+
+def load(folder: Path, manifest: Manifest, options: RunnerOptions) -> TensorRTStepRunner:
+    """engines.json + *.engine from `pipo-export build` next to the export."""
+    return TensorRTStepRunner(folder, manifest)

@@ -1,0 +1,88 @@
+"""The onnx-reference backend: onnx's own reference evaluator (numpy). Slow and independent of
+ONNX Runtime, for small models and parity checks. Needs the `onnx` package
+(pip install 'pipo-runtime[reference]')."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, \
+    present_to_past
+from pipo_graphs.errors import PipoUserError
+
+from pipo_runtime.backends.base import RunnerOptions, StepRunner
+
+
+def _reference_ops():
+    """Replacements for onnx reference kernels with limits our graphs exceed."""
+    from onnx.reference.op_run import OpRun
+
+    class GatherElements(OpRun):
+        # onnx's version uses np.choose, which numpy caps at 64 choices along the axis
+        def _run(self, data, indices, axis=None):
+            axis = 0 if axis is None else axis
+            return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis],
+                                                      indices), axis=axis),)
+
+    return [GatherElements]
+
+
+def _graphs(graph):
+    """A graph and every subgraph (If branches) under it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
+class _Graph:
+    """One graph in a ReferenceEvaluator: run(feeds) -> every output by name (numpy)."""
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+        model = onnx.load(str(path), load_external_data=True)
+        contrib = sorted({f"{n.domain}::{n.op_type}" for g in _graphs(model.graph)
+                          for n in g.node if n.domain not in ("", "ai.onnx")})
+        if contrib:
+            raise PipoUserError(f"{path.name} uses ONNX Runtime contrib ops ({', '.join(contrib)}),"
+                                " which onnx's reference evaluator cannot run; compare the "
+                                "--target tensorrt export (standard ops) on onnx-reference")
+        self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
+        self.output_names = [o.name for o in model.graph.output]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
+
+
+class OnnxReferenceStepRunner(StepRunner):
+    """prefill/decode with numpy feeds and outputs; each step's outputs are the next's states."""
+
+    name = "onnx-reference"
+
+    def __init__(self, prefill_path: Path, decode_path: Path):
+        try:
+            self.pre, self.dec = _Graph(prefill_path), _Graph(decode_path)
+        except ImportError as exc:
+            raise PipoUserError(f"the onnx-reference backend needs the onnx package ({exc}); "
+                                "pip install 'pipo-runtime[reference]'") from None
+
+    def prefill(self, feeds):
+        self.fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
+        self.last = self.pre.run(feeds)
+        return self.last[PAIR], self.last[CONFIDENCE]
+
+    def decode(self, uniforms):
+        self.last = self.dec.run({"input_pair": self.last[PAIR], **present_to_past(self.last),
+                                  **self.fixed, UNIFORMS: uniforms})
+        return self.last[PAIR], self.last[CONFIDENCE]
+
+    def outputs(self):
+        return dict(self.last)
+
+
+def load(folder: Path, manifest, options: RunnerOptions) -> OnnxReferenceStepRunner:
+    return OnnxReferenceStepRunner(folder / manifest.graphs[PREFILL].file,
+                                   folder / manifest.graphs[DECODE].file)

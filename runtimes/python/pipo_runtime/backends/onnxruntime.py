@@ -1,0 +1,268 @@
+"""The onnxruntime backend: both graphs in ONNX Runtime, weights mapped once, IO binding.
+
+Weights: `shared_sessions` maps each external-data file (weights.data) once with np.memmap and
+gives every session the same tensors (SessionOptions.add_initializer with an OrtValue over the
+mapping, one per stored region, read from the .onnx protobufs, subgraphs included), with
+prepacking off, so no session makes its own copy (as the C++ runtime does). The optimization
+level decides whether ORT derives new copies from them (`OrtOptimization`).
+
+Steps: `OrtStepRunner` keeps the states as OrtValues from one step to the next (present.X bound
+as past.X, no copy to numpy); sampling inputs are bound once per generation and `uniforms` is
+updated in place. Only `pair` and `confidence` cross to the host each step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, \
+    present_to_past
+from pipo_graphs.dtypes import numpy_dtype
+from pipo_graphs.errors import PipoUserError
+
+from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider"}
+# onnx TensorProto.DataType -> contract dtype name, for the types an OrtValue can map as is
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64"}
+FLOAT16, UINT8 = 10, 2
+
+
+def resolve_providers(names) -> list[str]:
+    """Short names (cpu, cuda, tensorrt) or ORT provider names -> ORT names, all available
+    here (PipoUserError naming the missing ones otherwise)."""
+    import onnxruntime as ort
+    resolved = [PROVIDER_ALIASES.get(p.lower(), p) for p in (names or ["cpu"])]
+    available = ort.get_available_providers()
+    missing = [p for p in resolved if p not in available]
+    if missing:
+        raise PipoUserError(f"ONNX Runtime providers {missing} are not available here "
+                            f"(available: {available})")
+    return resolved
+
+
+# ---------------------------------------------------------------------------- .onnx protobuf
+@dataclass(frozen=True)
+class ExternalTensor:
+    """An initializer stored in an external data file."""
+
+    name: str
+    data_type: int  # onnx TensorProto.DataType
+    dims: tuple[int, ...]
+    location: str
+    offset: int
+    length: int
+
+
+def _fields(buf: bytes, start: int, end: int):
+    """(field number, wire type, value) of one protobuf message; value: an int for varints,
+    (start, end) for length-delimited fields, None otherwise."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = (i, i + n), i + n
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire}")
+        if i > end:
+            raise ValueError("truncated")
+        yield key >> 3, wire, value
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _tensor(buf: bytes, start: int, end: int) -> ExternalTensor | None:
+    dims, data_type, name, location, entries = [], 0, "", 0, {}
+    for f, wire, v in _fields(buf, start, end):
+        if f == 1 and wire == 0:
+            dims.append(v)
+        elif f == 1 and wire == 2:  # packed dims
+            i = v[0]
+            while i < v[1]:
+                d, i = _varint(buf, i)
+                dims.append(d)
+        elif f == 2 and wire == 0:
+            data_type = v
+        elif f == 8 and wire == 2:
+            name = buf[v[0]:v[1]].decode()
+        elif f == 14 and wire == 0:
+            location = v
+        elif f == 13 and wire == 2:  # StringStringEntryProto
+            kv = {kf: buf[kv_[0]:kv_[1]].decode() for kf, kw, kv_ in _fields(buf, *v) if kw == 2}
+            entries[kv.get(1, "")] = kv.get(2, "")
+    if location != 1 or "location" not in entries:  # 1 = TensorProto.EXTERNAL
+        return None
+    return ExternalTensor(name, data_type, tuple(dims), entries["location"],
+                          int(entries.get("offset", 0)), int(entries.get("length", -1)))
+
+
+def external_initializers(path: str | Path) -> list[ExternalTensor]:
+    """Every initializer of an .onnx file stored in external data, subgraphs (If, Scan, Loop
+    bodies) included, read straight from the protobuf (no onnx package needed)."""
+    buf = Path(path).read_bytes()
+    out: list[ExternalTensor] = []
+
+    def graph(start, end):  # GraphProto: node = 1, initializer = 5
+        for f, wire, v in _fields(buf, start, end):
+            if f == 5 and wire == 2:
+                tensor = _tensor(buf, *v)
+                if tensor is not None:
+                    out.append(tensor)
+            elif f == 1 and wire == 2:  # NodeProto: attribute = 5
+                for af, aw, av in _fields(buf, *v):
+                    if af == 5 and aw == 2:  # AttributeProto: g = 6, graphs = 11
+                        for gf, gw, gv in _fields(buf, *av):
+                            if gf in (6, 11) and gw == 2:
+                                graph(*gv)
+    try:
+        for f, wire, v in _fields(buf, 0, len(buf)):
+            if f == 7 and wire == 2:  # ModelProto.graph
+                graph(*v)
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise PipoUserError(f"{path}: not a valid ONNX model ({exc}); re-export") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- sessions
+def _options(options: RunnerOptions, optimization: OrtOptimization, prepack: bool):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if optimization == OrtOptimization.MAPPED:
+        # float16 runs through per-op casts on CPU: a priority-based order keeps each weight's
+        # float32 cast alive only until its MatMul (the default order casts them all first),
+        # and without the arena a freed cast goes back to the system
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        so.enable_cpu_mem_arena = False
+    return so
+
+
+def shared_sessions(paths, options: RunnerOptions | None = None) -> list:
+    """One InferenceSession per .onnx path; all of them read their external weights through
+    one np.memmap per data file (no per-session copy; prepacked copies only if
+    `options.prepack`, by default for quantized graphs). The mapping lives
+    as long as the sessions. A caller's `options.session_options` is used as given: then each
+    session loads its weights itself."""
+    import onnxruntime as ort
+    options = options or RunnerOptions()
+    providers = resolve_providers(options.providers)
+    if options.session_options is not None:
+        return [ort.InferenceSession(str(p), options.session_options, providers=providers)
+                for p in paths]
+    tables = {Path(p): external_initializers(p) for p in paths}
+    optimization = OrtOptimization(options.optimization)
+    if optimization == OrtOptimization.AUTO:
+        half = any(t.data_type == FLOAT16 for ts in tables.values() for t in ts)
+        optimization = OrtOptimization.MAPPED if half else OrtOptimization.ALL
+    disabled = ["ConstantFolding"] if optimization == OrtOptimization.MAPPED else None
+    prepack = options.prepack
+    if prepack is None:
+        prepack = any(t.data_type == UINT8 for ts in tables.values() for t in ts)
+    maps, values = {}, {}  # file -> np.memmap; (file, offset, dtype, dims) -> OrtValue
+    sessions = []
+    for path, tensors in tables.items():
+        so = _options(options, optimization, prepack)
+        for t in tensors:
+            dtype = ONNX_DTYPES.get(t.data_type)
+            file = (path.parent / t.location).resolve()
+            if dtype is None or Path(t.location).is_absolute() or ".." in Path(t.location).parts:
+                continue  # ORT loads it itself
+            if file not in maps:
+                maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+            count = int(np.prod(t.dims, dtype=np.int64))
+            size = count * np.dtype(numpy_dtype(dtype)).itemsize
+            if t.length not in (-1, size) or t.offset + size > maps[file].size:
+                raise PipoUserError(f"{path}: initializer {t.name} points outside {t.location} "
+                                    "or has the wrong length; re-export")
+            if t.offset % np.dtype(numpy_dtype(dtype)).itemsize:
+                continue  # misaligned for its type: let ORT copy it
+            key = (file, t.offset, dtype, t.dims)
+            if key not in values:
+                region = maps[file][t.offset:t.offset + size].view(numpy_dtype(dtype))
+                values[key] = ort.OrtValue.ortvalue_from_numpy(region.reshape(t.dims))
+            so.add_initializer(t.name, values[key])
+        session = ort.InferenceSession(str(path), so, providers=providers,
+                                       disabled_optimizers=disabled)
+        session._pipo_weights = (maps, values)  # keep the mapping alive with the session
+        sessions.append(session)
+    return sessions
+
+
+# ---------------------------------------------------------------------------- steps
+class OrtStepRunner(StepRunner):
+    """prefill/decode over two ONNX Runtime sessions with IO binding (see the module doc)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, prefill_path, decode_path, options: RunnerOptions | None = None,
+                 device: str = "cpu"):
+        import onnxruntime as ort
+        self.ort, self.device = ort, device
+        self.pre, self.dec = shared_sessions([prefill_path, decode_path], options)
+        self.files = {self.pre: Path(prefill_path).name, self.dec: Path(decode_path).name}
+        self.names = {s: [o.name for o in s.get_outputs()] for s in (self.pre, self.dec)}
+
+    def _value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device)
+
+    def _run(self, session, inputs: dict):
+        io = session.io_binding()
+        for name, value in inputs.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.names[session]:
+            io.bind_output(name, self.device)
+        try:
+            session.run_with_iobinding(io)
+        except Exception as exc:  # ORT raises plain RuntimeError/Fail for kernel errors
+            raise BackendError(f"ONNX Runtime failed running {self.files[session]}: {exc}; "
+                               "`pipo-export check` the folder or re-export it") from None
+        self.values = dict(zip(self.names[session], io.get_outputs()))
+        return self.values[PAIR].numpy(), self.values[CONFIDENCE].numpy()
+
+    def prefill(self, feeds):
+        self.fixed = {n: self._value(feeds[n]) for n, _ in SAMPLING_INPUTS}
+        self.uniforms = self._value(feeds[UNIFORMS])
+        inputs = {"input_ids": self._value(feeds["input_ids"]),
+                  "lengths": self._value(feeds["lengths"]), **self.fixed, UNIFORMS: self.uniforms}
+        return self._run(self.pre, inputs)
+
+    def decode(self, uniforms):
+        self.uniforms.update_inplace(np.ascontiguousarray(uniforms, dtype=np.float32))
+        inputs = {"input_pair": self.values[PAIR], **present_to_past(self.values), **self.fixed,
+                  UNIFORMS: self.uniforms}
+        return self._run(self.dec, inputs)
+
+    def outputs(self):
+        return {k: v.numpy() for k, v in self.values.items()}
+
+    def close(self):
+        self.pre = self.dec = self.values = None
+
+
+def load(folder: Path, manifest, options: RunnerOptions) -> OrtStepRunner:
+    return OrtStepRunner(folder / manifest.graphs[PREFILL].file,
+                         folder / manifest.graphs[DECODE].file, options)
