@@ -4,12 +4,13 @@ Flags become typed dataclasses in the command modules; nothing past them sees ar
 module is imported only when its command runs, so `check` and `build` never import torch.
 
 Error policy (the one place it is enforced): a PipoUserError (bad input the user can fix) prints
-one line and exits 2; Ctrl-C exits 130; anything else is a bug in pipo-export and keeps its
+one line and exits 2, so does a full disk or a folder it may not write; Ctrl-C exits 130; anything else is a bug in pipo-export and keeps its
 traceback.
 """
 from __future__ import annotations
 
 import importlib
+import errno
 import sys
 
 from pipo_graphs.errors import PipoUserError
@@ -29,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipo-export: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"pipo-export: error: {exc.strerror}{where}; free space or choose another folder "
+              "and rerun", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

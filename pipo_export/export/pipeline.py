@@ -44,7 +44,7 @@ from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
 from pipo_export.model.steps import LOGITS
-from pipo_export.onnx.graph import symbolic_dims
+from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
 from pipo_export.versions import package_versions
 
 WEIGHTS_FILE = "weights.data"
@@ -177,7 +177,9 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
         logits = next(s for s in head.outputs if s.name == LOGITS)
         extra.append(TensorSpec(f"{CHECK}head/{LOGITS}", logits.dtype, logits.shape))
         asm.alias(LOGITS, extra[-1].name)
-    return asm.model(tuple(extra))
+    model = asm.model(tuple(extra))
+    split_wide_gemms(model)  # float16 only: ORT CPU casts those per use, keep each cast small
+    return model
 
 
 def export(opts: ExportOptions) -> dict:

@@ -53,3 +53,55 @@ def symbolic_dims(path: Path) -> dict[str, list]:
 def op_types(path: Path) -> set[str]:
     model = onnx.load(str(path), load_external_data=False)
     return {n.op_type for g in iter_graphs(model.graph) for n in g.node}
+
+
+# float32 bytes one float16 weight may occupy once ONNX Runtime CPU casts it for its Gemm
+WIDE_GEMM_BYTES = 256 << 20
+
+
+def split_wide_gemms(model: onnx.ModelProto, max_bytes: int = WIDE_GEMM_BYTES) -> int:
+    """Rewrite every `Gemm(A [B, H], W [V, H], transB=1)` (no bias) whose float16 weight W would
+    exceed `max_bytes` as float32 into N row slices of W, one Gemm each, and a Concat on the
+    last axis: the same numbers (each output column is the same dot product), but ONNX Runtime
+    CPU, which casts float16 weights to float32 per use, then holds one slice's cast at a time
+    instead of a whole tied embedding's (2.5 GB for Qwen3.5-4B). Subgraphs included. Returns
+    the number of Gemms split."""
+    from onnx import helper
+    weights = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer
+               if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
+    split = 0
+    for graph in iter_graphs(model.graph):
+        nodes = []
+        for node in graph.node:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            w = weights.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) == 2 \
+                else None
+            if w is None or attrs.get("transB") != 1 or attrs.get("transA", 0) \
+                    or attrs.get("alpha", 1.0) != 1.0:
+                nodes.append(node)
+                continue
+            rows, cols = w.dims
+            parts = -(-rows * cols * 4 // max_bytes)
+            if parts < 2:
+                nodes.append(node)
+                continue
+            step = -(-rows // parts)
+            base = f"{node.name or node.output[0]}/split"
+            pieces = []
+            for i, start in enumerate(range(0, rows, step)):
+                consts = {k: f"{base}.{i}.{k}" for k in ("starts", "ends", "axes")}
+                for k, v in (("starts", start), ("ends", min(start + step, rows)), ("axes", 0)):
+                    nodes.append(helper.make_node("Constant", [], [consts[k]], value=helper.
+                                                  make_tensor(consts[k], TensorProto.INT64, [1],
+                                                              [v])))
+                rows_i = f"{base}.{i}.w"
+                nodes.append(helper.make_node("Slice", [w.name, consts["starts"], consts["ends"],
+                                                        consts["axes"]], [rows_i]))
+                pieces.append(f"{base}.{i}.y")
+                nodes.append(helper.make_node("Gemm", [node.input[0], rows_i], [pieces[-1]],
+                                              transB=1))
+            nodes.append(helper.make_node("Concat", pieces, list(node.output), axis=-1))
+            split += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return split

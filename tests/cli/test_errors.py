@@ -1,0 +1,30 @@
+"""The CLI's error policy: user-fixable problems (including a full disk) are one line and exit 2;
+a bug keeps its traceback."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from pipo_export import cli
+from pipo_export.cli import check
+
+
+def _raising(exc):
+    def command(ns):
+        raise exc
+    return command
+
+
+def test_full_disk_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(check, "command", _raising(OSError(errno.ENOSPC, "No space left on device",
+                                                           str(tmp_path / "weights.data"))))
+    assert cli.main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "weights.data" in err[0]
+
+
+def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr(check, "command", _raising(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError):
+        cli.main(["check", str(tmp_path)])
