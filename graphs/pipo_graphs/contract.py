@@ -25,6 +25,8 @@ inside a state. States (P = cached pair positions, grows by one per decode step)
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -105,7 +107,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        """Raise PipoUserError naming the bad field."""
+        """Raise PipoUserError naming the bad field (NaN and infinities included)."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise PipoUserError(f"{name} must be a finite number, got {value}")
         if not self.temperature >= 0:
             raise PipoUserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -28,3 +28,19 @@ def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path
     monkeypatch.setattr(check, "command", _raising(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError):
         cli.main(["check", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--top-p", "inf"),
+                                        ("--presence-penalty", "-inf"), ("--min-p", "nan"),
+                                        ("--repetition-penalty", "inf"), ("--threshold", "nan")])
+def test_nan_and_inf_sampling_values_are_refused(flag, value):
+    """The values behind these run flags are checked before any backend runs."""
+    from pipo_graphs import SamplingParams
+    from pipo_graphs.errors import PipoUserError
+    from pipo_runtime.session import GenerationConfig
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(PipoUserError, match="finite"):
+        if name == "threshold":
+            GenerationConfig(max_steps=1, threshold=float(value)).steps()
+        else:
+            SamplingParams(**{name: float(value)}).validate()

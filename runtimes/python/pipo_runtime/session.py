@@ -7,6 +7,7 @@ generate or stream. Its loop is the only generation loop: every backend runs thr
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
 
     def steps(self) -> int:
+        if not math.isfinite(self.threshold):
+            raise PipoUserError(f"threshold must be a finite number, got {self.threshold}")
         if self.max_steps is None and self.max_new_tokens is None:
             raise PipoUserError("give max_steps or max_new_tokens")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
