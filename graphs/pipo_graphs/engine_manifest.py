@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .contract import DECODE, PREFILL
 from .errors import PipoUserError
-from .manifest import ManifestError, _check_schema, sha256_file
+from .manifest import Manifest, ManifestError, _check_schema, sha256_file
 
 ENGINES = "engines.json"
 ENGINE_FORMAT = "pipo-engines"
@@ -138,7 +138,7 @@ def prompt_slots(mode: str, prompt_tokens: int) -> int:
 
 def make_engine_manifest(*, tensorrt_version: str, gpu: GpuInfo, precision: str,
                          strongly_typed: bool, max_batch: int, max_context: int, max_slots: int,
-                         profiles: list[EngineProfile], engines: dict, export_manifest: dict,
+                         profiles: list[EngineProfile], engines: dict, export_manifest: Manifest,
                          extra: dict | None = None) -> dict:
     """The engines.json document. engines: graph -> {file, sha256, bytes, onnx, onnx_sha256}."""
     data = {
@@ -149,15 +149,15 @@ def make_engine_manifest(*, tensorrt_version: str, gpu: GpuInfo, precision: str,
         "limits": {"max_batch": max_batch, "max_context": max_context, "max_slots": max_slots},
         "profiles": [p.to_json() for p in profiles],
         "engines": engines,
-        "export": {"mode": export_manifest["export"].get("mode", "pipo"),
-                   "dtype": export_manifest["export"]["dtype"],
-                   "contract_version": export_manifest["contract_version"]},
+        "export": {"mode": export_manifest.export.mode.value,
+                   "dtype": export_manifest.export.dtype.value,
+                   "contract_version": export_manifest.contract_version},
     }
     data.update(extra or {})
     return data
 
 
-def load_engine_manifest(folder: str | Path, export_manifest: dict,
+def load_engine_manifest(folder: str | Path, export_manifest: Manifest,
                          verify_files: bool = True) -> dict:
     """Read folder/engines.json and check it against the export: schema, profiles, the ONNX
     sha256 each engine was built from (must equal the export manifest's), and (by default) the
@@ -187,7 +187,8 @@ def load_engine_manifest(folder: str | Path, export_manifest: dict,
         raise EngineManifestError(f"{path}: no optimization profiles")
     for graph, entry in data["engines"].items():
         onnx_name = entry["onnx"]
-        recorded = export_manifest["files"].get(onnx_name, {}).get("sha256")
+        entry_file = export_manifest.files.get(onnx_name)
+        recorded = entry_file.sha256 if entry_file else None
         if recorded != entry["onnx_sha256"]:
             raise EngineManifestError(
                 f"{path}: {entry['file']} was built from a different {onnx_name} (sha256 "

@@ -226,7 +226,7 @@ def run_bench(opts: BenchOptions) -> int:
               "threshold": opts.threshold,
               "machine": {"copy_bandwidth_gbs": memory_bandwidth_gbs(),
                           "threads": opts.threads or torch.get_num_threads()},
-              "exports": {k: {"export_s": m["export"]["timings"]["total_s"],
+              "exports": {k: {"export_s": m.export.timings["total_s"],
                               "bytes": folder_bytes(d), "folder": str(d)}
                           for (k, m), d in zip(manifests.items(), (pipo_dir, regular_dir))}}
     report["contexts"] = bench_contexts(model, pipo_dir, regular_dir, opts)

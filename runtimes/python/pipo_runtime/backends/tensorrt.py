@@ -170,7 +170,7 @@ class TensorRTStepRunner(StepRunner):
         folder = Path(folder)
         self.trt = trt or require_tensorrt()
         gpu = gpu or gpu_info()
-        self.em = load_engine_manifest(folder, manifest.to_json())
+        self.em = load_engine_manifest(folder, manifest)
         self.warnings = check_compatibility(self.em, self.trt.__version__, gpu, folder)
         self.manifest, self.profiles = manifest, engine_profiles(self.em)
         self.mode = self.em["export"]["mode"]
