@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipo_graphs.contract import Mode
+from pipo_graphs.dtypes import itemsize
 from pipo_graphs.manifest import Manifest
 from pipo_runtime import GenerationConfig, PipoSession
 
 from pipo_export.export.io_spec import model_dims
-
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bool": 1, "int64": 8}
 
 
 @dataclass
@@ -108,7 +107,7 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
 
     model: the PipoModel (the meta-device skeleton is enough); manifest: its export's manifest
     (mode, states, dtype, weights)."""
-    width = BYTES[manifest.export.dtype.value]
+    width = manifest.export.dtype.itemsize
     quantized = weight_widths(manifest)
     pipo = manifest.export.mode == Mode.PIPO
     dims = model_dims(model)
@@ -126,7 +125,7 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
                                + n("confidence_head", model.confidence_head))
     cache = 0
     for s in manifest.states:
-        size = _numel(s.shape, past_slots) * BYTES[s.dtype]
+        size = _numel(s.shape, past_slots) * itemsize(s.dtype)
         if s.kind in ("conv_window", "recurrent"):
             size *= 2  # read and written back
         cache += size if s.kind not in ("prompt_mask", "output_mask") else 0
@@ -137,4 +136,4 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
 
 def cache_bytes(manifest: Manifest, slots: int) -> int:
     """Bytes of every state at `slots` cache slots (batch 1): the memory a context costs."""
-    return sum(_numel(s.shape, slots) * BYTES[s.dtype] for s in manifest.states)
+    return sum(_numel(s.shape, slots) * itemsize(s.dtype) for s in manifest.states)

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipo_export.errors import CheckpointError
 from pipo_export.model.config import PipoConfig, parse_config
-from pipo_export.model.source import (INDEX_FILE, SAFETENSORS_DTYPES, SafetensorsSource,
-                                      TensorSource, normalize_key)
+from pipo_export.model.source import INDEX_FILE, SafetensorsSource, TensorSource, normalize_key
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipo_graphs.dtypes import ONNX_CODES
+
 TRT_DOC_SOURCE = ("onnx/onnx-tensorrt docs/operators.md, TensorRT 10.15 revision ('TensorRT 10.15 supports "
                   "operators in the inclusive range of opset 9 to opset 24'); the same file is vendored in "
                   "NVIDIA/TensorRT as parsers/onnx/docs/operators.md")
@@ -314,10 +316,10 @@ UNSUPPORTED_OPS: frozenset[str] = frozenset((
     "SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat StringNormalizer StringSplit "
     "TfIdfVectorizer Unique").split())
 
-_DTYPE = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
-          TensorProto.DOUBLE: "FP32", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
-          TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL",
-          TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4", TensorProto.FLOAT4E2M1: "FP4"}
+_TRT_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP32",
+              "int32": "INT32", "int64": "INT64", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+_DTYPE = {ONNX_CODES[n]: t for n, t in _TRT_TYPES.items()} | {  # and types with no contract name
+    TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4", TensorProto.FLOAT4E2M1: "FP4"}
 
 
 # ---------------------------------------------------------------- lint

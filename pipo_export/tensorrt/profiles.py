@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pipo_graphs.contract import DECODE, PREFILL, Mode
+from pipo_graphs.dtypes import itemsize
 from pipo_graphs.engine_manifest import DimRange, EngineProfile, resolve_shape
 from pipo_graphs.manifest import Manifest
 
@@ -156,13 +157,12 @@ def input_shapes(manifest: Manifest, graph: str, profile: EngineProfile
 def state_bytes(manifest: Manifest, limits: ContextLimits, batch: int = 1) -> int:
     """Device bytes of one full-size set of cache/state buffers for `batch` rows (the runtime
     allocates two: ping-pong)."""
-    size = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
     total = 0
     for s in manifest.states:
         n = 1
         for d in resolve_shape(s.shape, {"batch": batch, "past_pairs": limits.max_slots}):
             n *= d
-        total += n * size[s.dtype]
+        total += n * itemsize(s.dtype)
     return total
 
 
