@@ -13,7 +13,6 @@ A cache slot holds one pair (PIPO exports) or one token (`--mode regular` export
 """
 from __future__ import annotations
 
-import ast
 import json
 import warnings
 from dataclasses import dataclass
@@ -101,34 +100,6 @@ def select_profile(profiles: list[EngineProfile], graph: str, batch: int, length
                             f"optimization profiles ({ranges}); rebuild with a larger "
                             "--max-batch/--max-context")
     return prefer if prefer in fits else fits[0]
-
-
-def resolve_shape(shape, dims: dict[str, int]) -> tuple[int, ...]:
-    """A manifest shape (ints and symbolic dims such as "batch", "2*prompt_pairs",
-    "past_pairs + 1") with the symbols of `dims` substituted -> concrete ints."""
-    return tuple(d if isinstance(d, int) else _eval(d, dims) for d in shape)
-
-
-def _eval(expr: str, dims: dict[str, int]) -> int:
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in dims:
-                raise KeyError(node.id)
-            return int(dims[node.id])
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
-            a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(
-                node.op, ast.Sub) else a * b
-        raise ValueError(expr)
-    try:
-        return ev(ast.parse(expr, mode="eval"))
-    except (SyntaxError, ValueError, KeyError) as exc:
-        raise ManifestError(f"cannot resolve symbolic dim {expr!r} with {sorted(dims)} "
-                            f"({type(exc).__name__}: {exc})") from None
 
 
 def prompt_slots(mode: str, prompt_tokens: int) -> int:

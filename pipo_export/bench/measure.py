@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipo_graphs.contract import Mode
-from pipo_graphs.dtypes import itemsize
 from pipo_graphs.manifest import Manifest
+from pipo_graphs.shapes import state_bytes, state_nbytes
 from pipo_runtime import GenerationConfig, PipoSession
 
 from pipo_export.export.io_spec import model_dims
@@ -81,13 +81,6 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def _numel(shape, slots: int, batch: int = 1) -> int:
-    n = 1
-    for d in shape:
-        n *= batch if d == "batch" else slots if isinstance(d, str) else d
-    return n
-
-
 def weight_widths(manifest: Manifest) -> dict[str, float]:
     """Stored bytes per element of each weight written quantized (MatMulNBits: packed
     bits/8, a float32 scale and a packed bits-wide zero point per block along K)."""
@@ -125,7 +118,7 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
                                + n("confidence_head", model.confidence_head))
     cache = 0
     for s in manifest.states:
-        size = _numel(s.shape, past_slots) * itemsize(s.dtype)
+        size = state_nbytes(s, 1, past_slots)
         if s.kind in ("conv_window", "recurrent"):
             size *= 2  # read and written back
         cache += size if s.kind not in ("prompt_mask", "output_mask") else 0
@@ -136,4 +129,4 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
 
 def cache_bytes(manifest: Manifest, slots: int) -> int:
     """Bytes of every state at `slots` cache slots (batch 1): the memory a context costs."""
-    return sum(_numel(s.shape, slots) * itemsize(s.dtype) for s in manifest.states)
+    return state_bytes(manifest.states, 1, slots)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pipo_graphs.contract import DECODE, PREFILL, Mode
-from pipo_graphs.dtypes import itemsize
-from pipo_graphs.engine_manifest import DimRange, EngineProfile, resolve_shape
+from pipo_graphs.engine_manifest import DimRange, EngineProfile
 from pipo_graphs.manifest import Manifest
+from pipo_graphs.shapes import resolve_shape, state_bytes as _state_bytes
 
 from pipo_export.errors import PipoError
 
@@ -157,13 +157,7 @@ def input_shapes(manifest: Manifest, graph: str, profile: EngineProfile
 def state_bytes(manifest: Manifest, limits: ContextLimits, batch: int = 1) -> int:
     """Device bytes of one full-size set of cache/state buffers for `batch` rows (the runtime
     allocates two: ping-pong)."""
-    total = 0
-    for s in manifest.states:
-        n = 1
-        for d in resolve_shape(s.shape, {"batch": batch, "past_pairs": limits.max_slots}):
-            n *= d
-        total += n * itemsize(s.dtype)
-    return total
+    return _state_bytes(manifest.states, batch, limits.max_slots)
 
 
 def resolve_precision(requested: Precision | None, export_dtype: str, trt_major: int | None = None

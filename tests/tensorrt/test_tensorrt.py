@@ -24,9 +24,10 @@ from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, SAMPLING_INPUTS
     ModelDims, state_specs
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineManifestError, \
     EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
-    resolve_shape, select_profile
+    select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
+from pipo_graphs.shapes import resolve_shape
 from pipo_export.tensorrt.profiles import BuildError, Precision, context_limits, derive_profiles, \
     input_shapes, parse_profile_bounds, resolve_precision
 from pipo_runtime.requests import ModelFacts, check_request
