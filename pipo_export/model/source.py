@@ -23,6 +23,7 @@ from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 from pipo_export.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' long-standing max_shard_size "5GB"
 BACKBONE_PREFIXES = ("model.language_model.", "language_model.")  # -> "model."
 IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower: not part of the text model
 MAX_HEADER = 100 << 20

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, ManifestError, load_manifest
 
+from pipo_export.bench import folder_bytes
 from pipo_export.bench.peers import Sample
 from pipo_export.bench.peers.machine import Meter
 from pipo_export.bench.peers.venvs import log
@@ -71,10 +72,6 @@ def _reusable(folder: Path, weights: str, block_size: int, max_context: int) -> 
             or (weights != "float" and stored.block_size != block_size)):
         return None
     return manifest
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def prepare(checkpoint: Path, root: Path, precisions: list[str], block_size: int,
