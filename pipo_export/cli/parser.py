@@ -7,7 +7,7 @@ import argparse
 from pipo_graphs import SamplingParams
 from pipo_graphs.contract import Mode, Target
 from pipo_graphs.dtypes import DType
-from pipo_runtime.backend import Backend
+from pipo_runtime.backends import Backend
 from pipo_runtime.session import DEFAULT_MAX_STEPS
 
 from pipo_export.cli.compare import DEFAULT_BACKENDS, CompareArgs
