@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipo_graphs import SamplingParams
 from pipo_graphs.manifest import MANIFEST
-from pipo_runtime.backends import Backend
+from pipo_runtime.backends import Backend, backend_module
 from pipo_runtime.backends.base import RunnerOptions
 from pipo_runtime.session import DEFAULT_MAX_STEPS
 from pipo_runtime.text import result_dict
@@ -86,7 +86,7 @@ def run(args: RunArgs) -> int:
     if not args.ids and not args.prompts:
         raise PipoError("no prompt: pass --ids 5,17,300 or --prompt TEXT")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
-    if not _is_export(folder) and backend != Backend.TORCH:
+    if not _is_export(folder) and not getattr(backend_module(backend), "RUNS_CHECKPOINTS", False):
         raise PipoError(f"{folder} has no {MANIFEST}; backend {backend.value} runs an "
                         "export folder (pipo-export export CKPT -o OUT)")
     results = generate(args, backend)
