@@ -13,7 +13,6 @@ A cache slot holds one pair (PIPO exports) or one token (`--mode regular` export
 """
 from __future__ import annotations
 
-import ast
 import json
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .contract import DECODE, PREFILL
 from .errors import PipoUserError
-from .manifest import ManifestError, _check_schema, sha256_file
+from .manifest import Manifest, ManifestError, _check_schema, sha256_file
 
 ENGINES = "engines.json"
 ENGINE_FORMAT = "pipo-engines"
@@ -103,34 +102,6 @@ def select_profile(profiles: list[EngineProfile], graph: str, batch: int, length
     return prefer if prefer in fits else fits[0]
 
 
-def resolve_shape(shape, dims: dict[str, int]) -> tuple[int, ...]:
-    """A manifest shape (ints and symbolic dims such as "batch", "2*prompt_pairs",
-    "past_pairs + 1") with the symbols of `dims` substituted -> concrete ints."""
-    return tuple(d if isinstance(d, int) else _eval(d, dims) for d in shape)
-
-
-def _eval(expr: str, dims: dict[str, int]) -> int:
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in dims:
-                raise KeyError(node.id)
-            return int(dims[node.id])
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
-            a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(
-                node.op, ast.Sub) else a * b
-        raise ValueError(expr)
-    try:
-        return ev(ast.parse(expr, mode="eval"))
-    except (SyntaxError, ValueError, KeyError) as exc:
-        raise ManifestError(f"cannot resolve symbolic dim {expr!r} with {sorted(dims)} "
-                            f"({type(exc).__name__}: {exc})") from None
-
-
 def prompt_slots(mode: str, prompt_tokens: int) -> int:
     """Cache slots the prefill fills: one per pair (PIPO), one per token (regular)."""
     return prompt_tokens if mode == "regular" else prompt_tokens // 2
@@ -138,7 +109,7 @@ def prompt_slots(mode: str, prompt_tokens: int) -> int:
 
 def make_engine_manifest(*, tensorrt_version: str, gpu: GpuInfo, precision: str,
                          strongly_typed: bool, max_batch: int, max_context: int, max_slots: int,
-                         profiles: list[EngineProfile], engines: dict, export_manifest: dict,
+                         profiles: list[EngineProfile], engines: dict, export_manifest: Manifest,
                          extra: dict | None = None) -> dict:
     """The engines.json document. engines: graph -> {file, sha256, bytes, onnx, onnx_sha256}."""
     data = {
@@ -149,15 +120,15 @@ def make_engine_manifest(*, tensorrt_version: str, gpu: GpuInfo, precision: str,
         "limits": {"max_batch": max_batch, "max_context": max_context, "max_slots": max_slots},
         "profiles": [p.to_json() for p in profiles],
         "engines": engines,
-        "export": {"mode": export_manifest["export"].get("mode", "pipo"),
-                   "dtype": export_manifest["export"]["dtype"],
-                   "contract_version": export_manifest["contract_version"]},
+        "export": {"mode": export_manifest.export.mode.value,
+                   "dtype": export_manifest.export.dtype.value,
+                   "contract_version": export_manifest.contract_version},
     }
     data.update(extra or {})
     return data
 
 
-def load_engine_manifest(folder: str | Path, export_manifest: dict,
+def load_engine_manifest(folder: str | Path, export_manifest: Manifest,
                          verify_files: bool = True) -> dict:
     """Read folder/engines.json and check it against the export: schema, profiles, the ONNX
     sha256 each engine was built from (must equal the export manifest's), and (by default) the
@@ -187,7 +158,8 @@ def load_engine_manifest(folder: str | Path, export_manifest: dict,
         raise EngineManifestError(f"{path}: no optimization profiles")
     for graph, entry in data["engines"].items():
         onnx_name = entry["onnx"]
-        recorded = export_manifest["files"].get(onnx_name, {}).get("sha256")
+        entry_file = export_manifest.files.get(onnx_name)
+        recorded = entry_file.sha256 if entry_file else None
         if recorded != entry["onnx_sha256"]:
             raise EngineManifestError(
                 f"{path}: {entry['file']} was built from a different {onnx_name} (sha256 "

@@ -215,6 +215,26 @@ class WeightsInfo(_Json):
     bytes: int
     extra: dict = _extra()
 
+    # The keys below are read from `extra` (quantized exports write bits, block_size, quantized;
+    # older exports lack format) so every manifest round-trips byte for byte.
+    @property
+    def format(self) -> str:
+        """"float" or the weight-only quantization of `export --weights` ("int8", "int4")."""
+        return self.extra.get("format", "float")
+
+    @property
+    def bits(self) -> int | None:
+        return self.extra.get("bits")
+
+    @property
+    def block_size(self) -> int | None:
+        return self.extra.get("block_size")
+
+    @property
+    def quantized(self) -> list[str]:
+        """Names of the weights stored quantized (MatMulNBits)."""
+        return list(self.extra.get("quantized", ()))
+
 
 @dataclass(kw_only=True)
 class StateInfo(_Json):
@@ -263,14 +283,6 @@ class Manifest(_Json):
     def tensor_dtypes(self) -> dict[str, str]:
         """Every graph input and output name -> its dtype."""
         return {t.name: t.dtype for g in (PREFILL, DECODE) for t in self.graphs[g].tensors()}
-
-    # Transitional: read access as the JSON dict (manifest["export"]["dtype"]) for callers not
-    # yet converted to attributes; remove once nothing indexes a Manifest.
-    def __getitem__(self, key: str):
-        return self.to_json()[key]
-
-    def get(self, key: str, default=None):
-        return self.to_json().get(key, default)
 
 
 # ---------------------------------------------------------------------------- files

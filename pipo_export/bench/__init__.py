@@ -1,0 +1,9 @@
+"""`pipo-export bench` (run, measure) and `bench --peers` (peers/)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in `folder` (an export or a peer's model folder)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())

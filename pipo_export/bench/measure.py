@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipo_graphs.contract import Mode
+from pipo_graphs.manifest import Manifest
+from pipo_graphs.shapes import state_bytes, state_nbytes
 from pipo_runtime import GenerationConfig, PipoSession
 
 from pipo_export.export.io_spec import model_dims
-
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bool": 1, "int64": 8}
 
 
 @dataclass
@@ -80,25 +81,18 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def _numel(shape, slots: int, batch: int = 1) -> int:
-    n = 1
-    for d in shape:
-        n *= batch if d == "batch" else slots if isinstance(d, str) else d
-    return n
-
-
-def weight_widths(manifest: dict) -> dict[str, float]:
+def weight_widths(manifest: Manifest) -> dict[str, float]:
     """Stored bytes per element of each weight written quantized (MatMulNBits: packed
     bits/8, a float32 scale and a packed bits-wide zero point per block along K)."""
-    stored = manifest.get("weights", {})
-    if stored.get("format", "float") == "float":
+    stored = manifest.weights
+    if stored is None or stored.format == "float":
         return {}
-    bits, block = stored["bits"], stored["block_size"]
+    bits, block = stored.bits, stored.block_size
     width = bits / 8 + 4 / block + bits / 8 / block
-    return {name: width for name in stored.get("quantized", ())}
+    return {name: width for name in stored.quantized}
 
 
-def decode_bytes(model, manifest: dict, past_slots: int) -> dict:
+def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
     """Bytes a decode step must read at least, by part (batch 1): every weight it multiplies
     with, the lm_head once per sampled token, and every cache/state it reads (attention caches
     over past_slots slots; Gated DeltaNet states are read and written). Weights count at their
@@ -106,9 +100,9 @@ def decode_bytes(model, manifest: dict, past_slots: int) -> dict:
 
     model: the PipoModel (the meta-device skeleton is enough); manifest: its export's manifest
     (mode, states, dtype, weights)."""
-    width = BYTES[manifest["export"]["dtype"]]
+    width = manifest.export.dtype.itemsize
     quantized = weight_widths(manifest)
-    pipo = manifest["export"].get("mode", "pipo") == "pipo"
+    pipo = manifest.export.mode == Mode.PIPO
     dims = model_dims(model)
 
     def n(prefix: str, module) -> float:
@@ -123,16 +117,16 @@ def decode_bytes(model, manifest: dict, past_slots: int) -> dict:
         parts["pipo_heads"] = (n("compressor", model.compressor) + n("mtp", model.mtp)
                                + n("confidence_head", model.confidence_head))
     cache = 0
-    for s in manifest["states"]:
-        size = _numel(s["shape"], past_slots) * BYTES[s["dtype"]]
-        if s["kind"] in ("conv_window", "recurrent"):
+    for s in manifest.states:
+        size = state_nbytes(s, 1, past_slots)
+        if s.kind in ("conv_window", "recurrent"):
             size *= 2  # read and written back
-        cache += size if s["kind"] not in ("prompt_mask", "output_mask") else 0
+        cache += size if s.kind not in ("prompt_mask", "output_mask") else 0
     parts["caches_and_states"] = cache
     parts["total"] = sum(parts.values())
     return parts
 
 
-def cache_bytes(manifest: dict, slots: int) -> int:
+def cache_bytes(manifest: Manifest, slots: int) -> int:
     """Bytes of every state at `slots` cache slots (batch 1): the memory a context costs."""
-    return sum(_numel(s["shape"], slots) * BYTES[s["dtype"]] for s in manifest["states"])
+    return state_bytes(manifest.states, 1, slots)

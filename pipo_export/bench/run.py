@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import load_manifest
+from pipo_graphs.manifest import MANIFEST, load_manifest
 from pipo_runtime import PipoSession
 
+from pipo_export.bench import folder_bytes
 from pipo_export.bench.measure import (Latency, cache_bytes, decode_bytes, memory_bandwidth_gbs, run_hf,
                             run_session)
 
@@ -87,16 +88,12 @@ def prepare(opts: BenchOptions) -> tuple[Path, Path, Path]:
     for mode in (Mode.PIPO, Mode.REGULAR):
         out = root / mode.value
         outs[mode] = out
-        if not opts.rebuild and (out / "manifest.json").is_file():
+        if not opts.rebuild and (out / MANIFEST).is_file():
             log(f"reusing {out} (--rebuild to export again)")
             continue
         log(f"exporting {mode.value} to {out}")
         export(ExportOptions(checkpoint=str(ckpt), out=str(out), mode=mode, force=True))
     return ckpt, outs[Mode.PIPO], outs[Mode.REGULAR]
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def bench_contexts(model, pipo_dir: Path, regular_dir: Path, opts: BenchOptions) -> dict:
@@ -226,7 +223,7 @@ def run_bench(opts: BenchOptions) -> int:
               "threshold": opts.threshold,
               "machine": {"copy_bandwidth_gbs": memory_bandwidth_gbs(),
                           "threads": opts.threads or torch.get_num_threads()},
-              "exports": {k: {"export_s": m["export"]["timings"]["total_s"],
+              "exports": {k: {"export_s": m.export.timings["total_s"],
                               "bytes": folder_bytes(d), "folder": str(d)}
                           for (k, m), d in zip(manifests.items(), (pipo_dir, regular_dir))}}
     report["contexts"] = bench_contexts(model, pipo_dir, regular_dir, opts)

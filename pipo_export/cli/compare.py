@@ -12,6 +12,7 @@ import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import MANIFEST
 from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
@@ -19,6 +20,7 @@ from pipo_runtime.session import PipoSession
 EXACT = ("pair", "present.attention_mask", "present.position", "present.prompt_mask",
          "present.output_mask")
 DEFAULT_PROMPTS = ([5, 17, 300], list(range(40, 51)), list(range(7, 140)))
+DEFAULT_BACKENDS = (Backend.TORCH, Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE)  # --backends
 
 
 @dataclass
@@ -152,7 +154,7 @@ def run_compare(args: CompareArgs) -> int:
         raise PipoUserError(f"{source}: no such folder (give an export or a checkpoint folder)")
     if len(args.backends) < 2:
         raise PipoUserError("compare needs at least two backends, e.g. --backends torch,onnxruntime")
-    if (source / "manifest.json").is_file():
+    if (source / MANIFEST).is_file():
         report = compare(source, args)
     else:
         from pipo_export.export.pipeline import export

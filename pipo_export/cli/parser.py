@@ -7,12 +7,17 @@ import argparse
 from pipo_graphs import SamplingParams
 from pipo_graphs.contract import Mode, Target
 from pipo_graphs.dtypes import DType
-from pipo_runtime.backend import Backend
+from pipo_runtime.backends import Backend
+from pipo_runtime.session import DEFAULT_MAX_STEPS
 
+from pipo_export.cli.compare import DEFAULT_BACKENDS, CompareArgs
+from pipo_export.cli.run import RunArgs
 from pipo_export.export.options import ExportOptions
 
 DTYPES = tuple(d.value for d in DType)
 EXPORT_DEFAULTS = ExportOptions(checkpoint="", out="")
+RUN_DEFAULTS = RunArgs(source="")
+COMPARE_DEFAULTS = CompareArgs(source="", backends=list(DEFAULT_BACKENDS))
 
 
 def _ids(text: str) -> list[int]:
@@ -32,23 +37,29 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (needs tokenizer.json in the folder; repeat for a batch)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="prefill + decode steps; each emits one pair (default 16 unless "
-                        "--max-new-tokens is given)")
+                   help="prefill + decode steps; each emits one pair (default "
+                        f"{DEFAULT_MAX_STEPS} unless --max-new-tokens is given)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="stop after this many user tokens (export folders)")
     p.add_argument("--stop-token-ids", type=_ids, default=(),
                    help="comma-separated ids that end a sequence, like EOS")
     p.add_argument("--stop", action="append", default=[],
                    help="stop string: text is cut before it (export with a tokenizer; repeatable)")
-    p.add_argument("--threshold", type=float, default=-1.0,
-                   help="confidence gate tau: <0 always keep token2, >=1 never (default -1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 disables")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=RUN_DEFAULTS.threshold,
+                   help="confidence gate tau: <0 always keep token2, >=1 never "
+                        f"(default {RUN_DEFAULTS.threshold:g})")
+    add_sampling_flags(p, RUN_DEFAULTS.sampling)
+    p.add_argument("--seed", type=int, default=RUN_DEFAULTS.seed)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, defaults: SamplingParams) -> None:
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help="0 = greedy" + (" (default)" if defaults.temperature == 0 else ""))
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables")
+    p.add_argument("--top-p", type=float, default=defaults.top_p)
+    p.add_argument("--min-p", type=float, default=defaults.min_p)
+    p.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty)
+    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
 
 
 def sampling_from(ns: argparse.Namespace) -> SamplingParams:
@@ -140,20 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run the same prompts and random numbers on several "
                                        "backends and compare them step by step")
     p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
-    p.add_argument("--backends", default="torch,onnxruntime,onnx-reference")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--atol", type=float, default=1e-3)
-    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--backends", default=",".join(b.value for b in COMPARE_DEFAULTS.backends))
+    p.add_argument("--steps", type=int, default=COMPARE_DEFAULTS.steps)
+    p.add_argument("--threshold", type=float, default=COMPARE_DEFAULTS.threshold)
+    p.add_argument("--seed", type=int, default=COMPARE_DEFAULTS.seed)
+    p.add_argument("--atol", type=float, default=COMPARE_DEFAULTS.atol)
+    p.add_argument("--rtol", type=float, default=COMPARE_DEFAULTS.rtol)
     p.add_argument("--ids", type=_ids, action="append", default=[],
                    help="prompt ids (repeat for a batch); default: three built-in prompts")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=1.5)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_flags(p, COMPARE_DEFAULTS.sampling)
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
 
@@ -215,12 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
     p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="default: torch for a checkpoint, onnxruntime for an export")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend dtype")
+    p.add_argument("--dtype", choices=DTYPES, default=RUN_DEFAULTS.dtype, help="torch backend dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    p.add_argument("--providers", default="cpu",
+    p.add_argument("--providers", default=",".join(RUN_DEFAULTS.providers),
                    help="ONNX Runtime providers, comma-separated: cpu, cuda, tensorrt")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=RUN_DEFAULTS.threads,
+                   help="ONNX Runtime intra-op threads")
     add_generation_flags(p)
     return parser
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pipo_graphs import SamplingParams
 from pipo_graphs.manifest import MANIFEST
-from pipo_runtime.backends import Backend
+from pipo_runtime.backends import Backend, backend_module
+from pipo_runtime.backends.base import RunnerOptions
+from pipo_runtime.session import DEFAULT_MAX_STEPS
 from pipo_runtime.text import result_dict
 
 from pipo_export.errors import PipoError
@@ -22,7 +24,7 @@ class RunArgs:
     backend: Backend | None = None  # None: torch for a checkpoint, onnxruntime for an export
     ids: list[list[int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
-    max_steps: int | None = 16
+    max_steps: int | None = DEFAULT_MAX_STEPS
     max_new_tokens: int | None = None
     threshold: float = -1.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -30,11 +32,11 @@ class RunArgs:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder (torch)
-    dtype: str = "float32"  # torch on a checkpoint folder
+    dtype: str = RunnerOptions.dtype  # torch on a checkpoint folder
     json: bool = False
     stream: bool = False
-    providers: list[str] = field(default_factory=lambda: ["cpu"])
-    threads: int = 0
+    providers: list[str] = field(default_factory=lambda: list(RunnerOptions.providers))
+    threads: int = RunnerOptions.threads
 
 
 def _is_export(folder: Path) -> bool:
@@ -84,8 +86,8 @@ def run(args: RunArgs) -> int:
     if not args.ids and not args.prompts:
         raise PipoError("no prompt: pass --ids 5,17,300 or --prompt TEXT")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
-    if not _is_export(folder) and backend != Backend.TORCH:
-        raise PipoError(f"{folder} has no manifest.json; backend {backend.value} runs an "
+    if not _is_export(folder) and not getattr(backend_module(backend), "RUNS_CHECKPOINTS", False):
+        raise PipoError(f"{folder} has no {MANIFEST}; backend {backend.value} runs an "
                         "export folder (pipo-export export CKPT -o OUT)")
     results = generate(args, backend)
     if args.json:
@@ -111,7 +113,7 @@ def command(ns) -> int:
     sampling.validate()
     max_steps = ns.max_steps
     if max_steps is None and ns.max_new_tokens is None:
-        max_steps = 16
+        max_steps = DEFAULT_MAX_STEPS
     return run(RunArgs(source=ns.source, backend=Backend(ns.backend) if ns.backend else None,
                        ids=ns.ids, prompts=ns.prompt, max_steps=max_steps,
                        max_new_tokens=ns.max_new_tokens, stop_token_ids=tuple(ns.stop_token_ids),

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper
 
+from pipo_graphs.dtypes import ONNX_CODES
+
 from pipo_export.errors import ExportError
 from pipo_export.export.io_spec import GraphSpec, TensorSpec
 from pipo_export.export.pieces import Piece, weight_input
 
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-               "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64,
-               "int32": TensorProto.INT32, "bool": TensorProto.BOOL, "uint8": TensorProto.UINT8,
-               "int8": TensorProto.INT8}
+ONNX_DTYPES = ONNX_CODES  # contract dtype name -> TensorProto.DataType
 
 
 @dataclass(frozen=True)

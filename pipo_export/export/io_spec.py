@@ -8,11 +8,9 @@ from dataclasses import dataclass
 
 from pipo_graphs.contract import (CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS,
                                   UNIFORMS, ModelDims, StateSpec, state_specs)
+from pipo_graphs.dtypes import DType
 
 from pipo_export.model.modules import PipoModel
-
-DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -61,7 +59,7 @@ def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
                 ) -> tuple[GraphSpec, GraphSpec, list[StateSpec]]:
     """-> (prefill spec, decode spec, states). Prefill outputs hold P = prompt_pairs slots
     (PIPO) or 2*prompt_pairs slots (regular decoding, mtp=False: one token per slot)."""
-    states = state_specs(dims, DTYPE_NAMES[dtype], mtp)
+    states = state_specs(dims, DType(dtype).value, mtp)
     slots = "prompt_pairs" if mtp else "2*prompt_pairs"
     head = (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipo_export.errors import CheckpointError
 from pipo_export.model.config import PipoConfig, parse_config
-from pipo_export.model.source import (INDEX_FILE, SAFETENSORS_DTYPES, SafetensorsSource,
-                                      TensorSource, normalize_key)
+from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource, TensorSource, \
+    normalize_key
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -49,7 +50,6 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "chat_template.json", "generation_config.json", "preprocessor_config.json",
                 "video_preprocessor_config.json")
-DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' long-standing max_shard_size "5GB"
 
 
 def _read_json(path: Path, missing: dict | None = None) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pipo_graphs import SamplingParams
 from pipo_graphs.contract import DEFAULT_SAMPLE_CAP
 from pipo_graphs.semantics import SequenceOutput
-from pipo_runtime.session import GenerationConfig, PipoSession
+from pipo_runtime.session import DEFAULT_MAX_STEPS, GenerationConfig, PipoSession
 
 from pipo_export.model.modules import PipoModel
 from pipo_export.model.steps import PipoStep
@@ -20,7 +20,7 @@ from pipo_export.model.torch_backend import TorchStepRunner, model_facts
 class GenerateOptions:
     """One generation request (batch-wide settings)."""
 
-    max_steps: int = 16  # prefill + decode steps; each emits one pair
+    max_steps: int = DEFAULT_MAX_STEPS  # prefill + decode steps; each emits one pair
     threshold: float = -1.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0

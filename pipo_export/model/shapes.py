@@ -29,9 +29,8 @@ from safetensors.torch import save_file
 from pipo_export.errors import PipoError
 from pipo_export.model.checkpoint import expected_shapes, skeleton
 from pipo_export.model.config import CompressorType, parse_config
+from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE
 
-INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 5 * 10**9
 CHUNK = 1 << 24  # float32 elements generated per step (64 MB)
 FLOAT32_SUFFIXES = ("linear_attn.A_log", "linear_attn.norm.weight")  # stored F32 in the release
 ENDOFTEXT, IM_START, IM_END = 248044, 248045, 248046  # Qwen3.5 tokenizer ids

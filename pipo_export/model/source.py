@@ -18,13 +18,14 @@ from typing import Protocol
 
 import torch
 
+from pipo_graphs.dtypes import SAFETENSORS_DTYPES
+
 from pipo_export.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' long-standing max_shard_size "5GB"
 BACKBONE_PREFIXES = ("model.language_model.", "language_model.")  # -> "model."
 IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower: not part of the text model
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 MAX_HEADER = 100 << 20
 
 

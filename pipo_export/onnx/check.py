@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from pipo_graphs.contract import DECODE, PREFILL
+from pipo_graphs.contract import DECODE, PREFILL, Mode, Target
 from pipo_graphs.manifest import ManifestError, load_manifest
 
 from pipo_export.onnx.graph import op_types, symbolic_dims, weight_refs
@@ -28,11 +28,11 @@ def check_export(folder: str | Path) -> CheckReport:
     folder, report = Path(folder), CheckReport()
     try:
         manifest = load_manifest(folder, verify_files=True)
-        report.add("manifest and sha256 of every file", True, f"{len(manifest['files'])} files")
+        report.add("manifest and sha256 of every file", True, f"{len(manifest.files)} files")
     except ManifestError as exc:
         report.add("manifest and sha256 of every file", False, str(exc))
         return report
-    paths = {g: folder / manifest["graphs"][g]["file"] for g in (PREFILL, DECODE)}
+    paths = {g: folder / manifest.graphs[g].file for g in (PREFILL, DECODE)}
     for g, path in paths.items():
         try:
             onnx.checker.check_model(str(path), full_check=True)
@@ -41,22 +41,23 @@ def check_export(folder: str | Path) -> CheckReport:
             report.add(f"onnx checker: {path.name}", False, str(exc).splitlines()[0])
         dims = symbolic_dims(path)
         bad = []
-        for t in manifest["graphs"][g]["inputs"] + manifest["graphs"][g]["outputs"]:
-            have = dims.get(t["name"])
-            if have != t["shape"]:
-                bad.append(f"{t['name']}: file {have}, manifest {t['shape']}")
+        for t in manifest.graphs[g].tensors():
+            have = dims.get(t.name)
+            if have != t.shape:
+                bad.append(f"{t.name}: file {have}, manifest {t.shape}")
         report.add(f"I/O of {path.name} as in the manifest (dynamic dims symbolic)", not bad,
                    "; ".join(bad[:4]))
-    if manifest["export"].get("mode", "pipo") == "pipo":
+    if manifest.export.mode == Mode.PIPO:
         report.add("decode graph holds the confidence-gate If", "If" in op_types(paths[DECODE]))
     refs = weight_refs(paths[PREFILL]) + weight_refs(paths[DECODE])
     files = {loc for loc, _, _ in refs}
     stored = sum(length for _, _, length in set(refs))
-    size = (folder / manifest["weights"]["file"]).stat().st_size if files else 0
+    weights_file = manifest.weights.file if manifest.weights else None
+    size = (folder / weights_file).stat().st_size if files and weights_file else 0
     report.add("weights stored once, in one file shared by both graphs",
-               files == {manifest["weights"]["file"]} and stored <= size,
+               files == {weights_file} and stored <= size,
                f"{len(set(refs))} tensors, {stored:,} bytes referenced, file {size:,} bytes")
-    if manifest["export"]["target"] == "tensorrt":
+    if manifest.export.target == Target.TENSORRT:
         from pipo_export.onnx.trt_support import MAX_OPSET, lint_model
         for path in paths.values():
             issues = lint_model(onnx.load(str(path), load_external_data=False))

@@ -3,9 +3,11 @@ Pure onnx (no torch): `check`, `build`, the exporter and the tests share these."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 
 def iter_graphs(graph: onnx.GraphProto):
@@ -105,3 +107,47 @@ def split_wide_gemms(model: onnx.ModelProto, max_bytes: int = WIDE_GEMM_BYTES) -
         del graph.node[:]
         graph.node.extend(nodes)
     return split
+
+
+class GraphScope:
+    """Names visible in one graph (constants, types, producers), chained to the enclosing
+    graph's scope: what a subgraph node sees."""
+
+    def __init__(self, graph: onnx.GraphProto, name: str, parent: Optional["GraphScope"] = None):
+        self.graph, self.name, self.parent = graph, name, parent
+        self.consts: dict[str, object] = {}  # name -> TensorProto | Constant NodeProto
+        self.types: dict[str, onnx.TypeProto] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.WhichOneof("value") is not None:
+                self.types[vi.name] = vi.type
+        for init in graph.initializer:
+            self.consts[init.name] = init
+            self.types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+        for n in graph.node:
+            for o in n.output:
+                self.producer[o] = n
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+                self.consts[n.output[0]] = n
+
+    def _find(self, attr: str, name: str):
+        s = self
+        while s is not None and name not in getattr(s, attr):
+            s = s.parent
+        return getattr(s, attr)[name] if s is not None else None
+
+    def is_const(self, name: str) -> bool:
+        return bool(name) and self._find("consts", name) is not None
+
+    def const_value(self, name: str) -> Optional[np.ndarray]:
+        c = self._find("consts", name) if name else None
+        if isinstance(c, TensorProto):
+            return numpy_helper.to_array(c)
+        if isinstance(c, onnx.NodeProto) and c.attribute:
+            v = helper.get_attribute_value(c.attribute[0])
+            return numpy_helper.to_array(v) if isinstance(v, TensorProto) else np.asarray(v)
+        return None
+
+    def elem_type(self, name: str) -> Optional[int]:
+        t = self._find("types", name) if name else None
+        return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None

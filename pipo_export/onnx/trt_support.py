@@ -15,7 +15,11 @@ from typing import Callable, Optional
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from pipo_graphs.dtypes import ONNX_CODES
+
+from pipo_export.onnx.graph import GraphScope
 
 TRT_DOC_SOURCE = ("onnx/onnx-tensorrt docs/operators.md, TensorRT 10.15 revision ('TensorRT 10.15 supports "
                   "operators in the inclusive range of opset 9 to opset 24'); the same file is vendored in "
@@ -47,50 +51,7 @@ class LintIssue:
         return f"[{self.severity}] {self.graph}:{self.node or '-'} ({self.op_type or '-'}): {self.problem}"
 
 
-# ---------------------------------------------------------------- scope / constant helpers
-class _Scope:
-    """Names visible in one graph, chained to the enclosing graph's scope."""
-
-    def __init__(self, graph: onnx.GraphProto, name: str, parent: Optional["_Scope"] = None):
-        self.graph, self.name, self.parent = graph, name, parent
-        self.consts: dict[str, object] = {}  # name -> TensorProto | Constant NodeProto
-        self.types: dict[str, onnx.TypeProto] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if vi.type.WhichOneof("value") is not None:
-                self.types[vi.name] = vi.type
-        for init in graph.initializer:
-            self.consts[init.name] = init
-            self.types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
-        for n in graph.node:
-            for o in n.output:
-                self.producer[o] = n
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
-                self.consts[n.output[0]] = n
-
-    def _find(self, attr: str, name: str):
-        s = self
-        while s is not None and name not in getattr(s, attr):
-            s = s.parent
-        return getattr(s, attr)[name] if s is not None else None
-
-    def is_const(self, name: str) -> bool:
-        return bool(name) and self._find("consts", name) is not None
-
-    def const_value(self, name: str) -> Optional[np.ndarray]:
-        c = self._find("consts", name) if name else None
-        if isinstance(c, TensorProto):
-            return numpy_helper.to_array(c)
-        if isinstance(c, onnx.NodeProto) and c.attribute:
-            v = helper.get_attribute_value(c.attribute[0])
-            return numpy_helper.to_array(v) if isinstance(v, TensorProto) else np.asarray(v)
-        return None
-
-    def elem_type(self, name: str) -> Optional[int]:
-        t = self._find("types", name) if name else None
-        return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
-
-
+# ---------------------------------------------------------------- node helpers
 def _attr(node, name, default=None):
     v = next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
     return v.decode() if isinstance(v, bytes) else v
@@ -139,7 +100,7 @@ def _check_if(node, sc):
     then_g, else_g, out = _attr(node, "then_branch"), _attr(node, "else_branch"), []
     if then_g is None or else_g is None:
         return [("error", "If node is missing a then/else branch")]
-    t_sc, e_sc = _Scope(then_g, "then"), _Scope(else_g, "else")
+    t_sc, e_sc = GraphScope(then_g, "then"), GraphScope(else_g, "else")
     for i, (to, eo) in enumerate(zip(then_g.output, else_g.output)):
         tr, er = _rank(t_sc.types.get(to.name)), _rank(e_sc.types.get(eo.name))
         if tr is not None and er is not None and tr != er:
@@ -164,10 +125,10 @@ def _check_loop(node, sc):
                                  f"(M='{trip}' is not a constant); scan output length cannot be dynamic"))
         elif body is not None and len(body.input) > 1 and body.output:
             cond_out = body.output[0].name
-            if cond_out != body.input[1].name and not _Scope(body, "body").is_const(cond_out):
+            if cond_out != body.input[1].name and not GraphScope(body, "body").is_const(cond_out):
                 out.append(("warning", "scan outputs with a computed early-exit condition may have dynamic length"))
     if body is not None:  # carried state: body input (2+i) vs body output (1+i)
-        b = _Scope(body, "body")
+        b = GraphScope(body, "body")
         for i in range(n_carried):
             if 2 + i < len(body.input) and 1 + i < len(body.output):
                 ti, to = b.types.get(body.input[2 + i].name), b.types.get(body.output[1 + i].name)
@@ -314,14 +275,14 @@ UNSUPPORTED_OPS: frozenset[str] = frozenset((
     "SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat StringNormalizer StringSplit "
     "TfIdfVectorizer Unique").split())
 
-_DTYPE = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
-          TensorProto.DOUBLE: "FP32", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
-          TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL",
-          TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4", TensorProto.FLOAT4E2M1: "FP4"}
+_TRT_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP32",
+              "int32": "INT32", "int64": "INT64", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+_DTYPE = {ONNX_CODES[n]: t for n, t in _TRT_TYPES.items()} | {  # and types with no contract name
+    TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.INT4: "INT4", TensorProto.FLOAT4E2M1: "FP4"}
 
 
 # ---------------------------------------------------------------- lint
-def _lint_types(sc: _Scope, model_io: set[str], issues: list[LintIssue]) -> None:
+def _lint_types(sc: GraphScope, model_io: set[str], issues: list[LintIssue]) -> None:
     for name, tp in sc.types.items():
         kind, prod = tp.WhichOneof("value"), sc.producer.get(name)
         et = tp.tensor_type.elem_type if kind == "tensor_type" else None
@@ -341,7 +302,7 @@ def _lint_types(sc: _Scope, model_io: set[str], issues: list[LintIssue]) -> None
                                     f"tensor '{name}' {msg}", sev))
 
 
-def _lint_graph(graph, sc: _Scope, funcs, model_io, issues: list[LintIssue], seen_funcs: set) -> None:
+def _lint_graph(graph, sc: GraphScope, funcs, model_io, issues: list[LintIssue], seen_funcs: set) -> None:
     _lint_types(sc, model_io, issues)
     for n in graph.node:
         def add(problem, sev="error", _n=n):
@@ -352,7 +313,7 @@ def _lint_graph(graph, sc: _Scope, funcs, model_io, issues: list[LintIssue], see
             if key in funcs and key not in seen_funcs:  # the parser inlines model-local functions
                 seen_funcs.add(key)
                 fg = helper.make_graph(list(funcs[key].node), n.op_type, [], [])
-                _lint_graph(fg, _Scope(fg, f"function:{n.domain}::{n.op_type}", sc), funcs, model_io, issues,
+                _lint_graph(fg, GraphScope(fg, f"function:{n.domain}::{n.op_type}", sc), funcs, model_io, issues,
                             seen_funcs)
             elif key not in funcs:
                 add(f"op from non-default domain '{n.domain}' is unsupported (only loadable as a TensorRT plugin "
@@ -378,7 +339,7 @@ def _lint_graph(graph, sc: _Scope, funcs, model_io, issues: list[LintIssue], see
                 list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
             for i, g in enumerate(subs):
                 sub_name = f"{sc.name}/{n.name or n.op_type}.{a.name}" + (f"[{i}]" if len(subs) > 1 else "")
-                _lint_graph(g, _Scope(g, sub_name, sc), funcs, model_io, issues, seen_funcs)
+                _lint_graph(g, GraphScope(g, sub_name, sc), funcs, model_io, issues, seen_funcs)
 
 
 def lint_model(model: onnx.ModelProto) -> list[LintIssue]:
@@ -399,48 +360,5 @@ def lint_model(model: onnx.ModelProto) -> list[LintIssue]:
     g = model.graph
     funcs = {(f.domain, f.name): f for f in model.functions}
     model_io = {v.name for v in list(g.input) + list(g.output)}
-    _lint_graph(g, _Scope(g, g.name or "main"), funcs, model_io, issues, set())
+    _lint_graph(g, GraphScope(g, g.name or "main"), funcs, model_io, issues, set())
     return issues
-
-
-# ---------------------------------------------------------------- self-test
-if __name__ == "__main__":
-    from onnx import helper as h
-
-    def vi(name, shape, et=TensorProto.FLOAT):
-        return h.make_tensor_value_info(name, et, shape)
-
-    def init(name, arr):
-        return numpy_helper.from_array(np.asarray(arr), name)
-
-    # 1. clean: MatMul + Softmax + If + Scan
-    then_g = h.make_graph([h.make_node("Relu", ["y"], ["t_out"])], "then", [], [vi("t_out", [2, 4])])
-    else_g = h.make_graph([h.make_node("Neg", ["y"], ["e_out"])], "else", [], [vi("e_out", [2, 4])])
-    body = h.make_graph([h.make_node("Add", ["s_in", "x_t"], ["s_out"]), h.make_node("Identity", ["s_out"], ["y_t"])],
-                        "scan_body", [vi("s_in", [4]), vi("x_t", [4])], [vi("s_out", [4]), vi("y_t", [4])])
-    m1 = h.make_model(h.make_graph(
-        [h.make_node("MatMul", ["x", "w"], ["mm"]), h.make_node("Softmax", ["mm"], ["y"], axis=-1),
-         h.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g),
-         h.make_node("Scan", ["s0", "z"], ["s_final", "scan_out"], body=body, num_scan_inputs=1)], "clean",
-        [vi("x", [2, 3]), vi("cond", [], TensorProto.BOOL), vi("s0", [4])],
-        [vi("s_final", [4]), vi("scan_out", [2, 4])], [init("w", np.ones((3, 4), np.float32))]),
-        opset_imports=[h.make_opsetid("", 17)])
-    # 2. TopK with k=5000 as an initializer
-    m2 = h.make_model(h.make_graph(
-        [h.make_node("TopK", ["x", "k"], ["vals", "idx"], axis=-1)], "topk", [vi("x", [1, 8000])],
-        [vi("vals", [1, 5000]), vi("idx", [1, 5000], TensorProto.INT64)], [init("k", np.array([5000], np.int64))]),
-        opset_imports=[h.make_opsetid("", 17)])
-    # 3. com.microsoft op + SplitToSequence (+ SequenceAt)
-    m3 = h.make_model(h.make_graph(
-        [h.make_node("FusedGelu", ["x"], ["g"], domain="com.microsoft"),
-         h.make_node("SplitToSequence", ["g"], ["seq"], axis=0), h.make_node("SequenceAt", ["seq", "pos"], ["y"])],
-        "ms", [vi("x", [4, 4])], [vi("y", [1, 4])], [init("pos", np.array(0, np.int64))]),
-        opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-
-    print(f"{TRT_DOC_SOURCE}\nopsets {MIN_OPSET}..{MAX_OPSET}; {len(SUPPORTED_OPS)} supported ops, "
-          f"{len(UNSUPPORTED_OPS)} unsupported ops")
-    for label, m in (("clean (MatMul/Softmax/If/Scan)", m1), ("TopK k=5000", m2), ("com.microsoft + sequences", m3)):
-        res = lint_model(m)
-        print(f"--- {label}: {len(res)} issue(s)")
-        for issue in res:
-            print("   ", issue)

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipo_graphs.contract import DECODE, PREFILL
+from pipo_graphs.contract import DECODE, PREFILL, Target
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, make_engine_manifest
-from pipo_graphs.manifest import load_manifest, sha256_file
+from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
 
 from pipo_export.tensorrt.profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)
@@ -75,7 +75,7 @@ def _progress_monitor(trt):
     return Monitor()
 
 
-def _build_engine(trt, onnx_path: Path, graph: str, manifest: dict, profiles, precision,
+def _build_engine(trt, onnx_path: Path, graph: str, manifest: Manifest, profiles, precision,
                   strongly_typed: bool, opts: BuildOptions) -> bytes:
     """Parse `onnx_path` (external weights.data resolved from its folder) and build one
     serialized engine with one optimization profile per entry of `profiles`."""
@@ -96,13 +96,12 @@ def _build_engine(trt, onnx_path: Path, graph: str, manifest: dict, profiles, pr
     return EngineBytesFromNetwork(network, config=config, save_timing_cache=opts.timing_cache)()
 
 
-def _verify_engine(blob: bytes, graph: str, manifest: dict, n_profiles: int) -> None:
+def _verify_engine(blob: bytes, graph: str, manifest: Manifest, n_profiles: int) -> None:
     """Deserialize the new engine and compare its I/O with the manifest."""
     from polygraphy.backend.trt import EngineFromBytes
     engine = EngineFromBytes(blob)()
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    spec = manifest["graphs"][graph]
-    want = {t["name"] for t in spec["inputs"] + spec["outputs"]}
+    want = {t.name for t in manifest.graphs[graph].tensors()}
     if names != want:
         raise BuildError(f"{graph}: the engine's I/O differs from the manifest "
                          f"({sorted(names ^ want)[:4]})")
@@ -124,12 +123,12 @@ def build(opts: BuildOptions) -> dict:
     """Build both engines and engines.json in opts.folder; -> the engine manifest."""
     folder = Path(opts.folder)
     manifest = load_manifest(folder)
-    target = manifest["export"]["target"]
-    if target != "tensorrt":
-        raise BuildError(f"{folder} was exported with --target {target}; TensorRT engines are "
+    target = manifest.export.target
+    if target != Target.TENSORRT:
+        raise BuildError(f"{folder} was exported with --target {target.value}; TensorRT engines are "
                          f"built from a tensorrt-target export: pipo-export export CKPT -o OUT "
                          "--target tensorrt")
-    dtype = manifest["export"]["dtype"]
+    dtype = manifest.export.dtype.value
     resolve_precision(opts.precision, dtype)  # flag errors before looking for TensorRT
     limits = context_limits(manifest, opts.max_batch, opts.max_context)
     profiles = derive_profiles(limits, opts.profiles)
@@ -159,7 +158,7 @@ def build(opts: BuildOptions) -> dict:
     try:
         with G_LOGGER.verbosity(G_LOGGER.INFO if opts.verbose else G_LOGGER.ERROR):
             for i, graph in enumerate((PREFILL, DECODE)):
-                onnx_name = manifest["graphs"][graph]["file"]
+                onnx_name = manifest.graphs[graph].file
                 t = _progress(2 + i, f"building {ENGINE_FILES[graph]} from {onnx_name} "
                                      "(this takes minutes)")
                 try:
@@ -177,7 +176,7 @@ def build(opts: BuildOptions) -> dict:
                                   "sha256": sha256_file(tmp / ENGINE_FILES[graph]),
                                   "bytes": (tmp / ENGINE_FILES[graph]).stat().st_size,
                                   "onnx": onnx_name,
-                                  "onnx_sha256": manifest["files"][onnx_name]["sha256"]}
+                                  "onnx_sha256": manifest.files[onnx_name].sha256}
         _progress(4, f"writing {ENGINES}")
         timings["total_s"] = time.perf_counter() - t0
         em = make_engine_manifest(

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from pipo_graphs.contract import DECODE, PREFILL
-from pipo_graphs.engine_manifest import DimRange, EngineProfile, resolve_shape
+from pipo_graphs.contract import DECODE, PREFILL, Mode
+from pipo_graphs.engine_manifest import DimRange, EngineProfile
+from pipo_graphs.manifest import Manifest
+from pipo_graphs.shapes import resolve_shape, state_bytes as _state_bytes
 
 from pipo_export.errors import PipoError
 
@@ -70,11 +72,11 @@ class ContextLimits:
         return self.slots_per_pair * (self.max_pairs - 1)
 
 
-def context_limits(manifest: dict, max_batch: int = 1,
+def context_limits(manifest: Manifest, max_batch: int = 1,
                    max_context: int | None = None) -> ContextLimits:
     """Validate --max-batch/--max-context against the export (max_context defaults to the
     export's and may not exceed it)."""
-    export_max = int(manifest["model"]["max_context"])
+    export_max = manifest.model.max_context
     n = export_max if max_context is None else int(max_context)
     if max_batch < 1:
         raise BuildError(f"--max-batch must be >= 1, got {max_batch}")
@@ -83,7 +85,7 @@ def context_limits(manifest: dict, max_batch: int = 1,
                          "re-export with a larger --max-context")
     if n < 6:
         raise BuildError(f"--max-context must be >= 6 tokens (a 2-token prompt and 2 steps), got {n}")
-    spp = 2 if manifest["export"].get("mode", "pipo") == "regular" else 1
+    spp = 2 if manifest.export.mode == Mode.REGULAR else 1
     return ContextLimits(max_batch=max_batch, max_context=n, slots_per_pair=spp)
 
 
@@ -133,13 +135,13 @@ def derive_profiles(limits: ContextLimits, bounds: tuple[int, ...] = ()) -> list
     return out
 
 
-def input_shapes(manifest: dict, graph: str, profile: EngineProfile
+def input_shapes(manifest: Manifest, graph: str, profile: EngineProfile
                  ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Every input of `graph` -> (min, opt, max) concrete shapes for one profile, from the
     manifest's symbolic shapes (batch; 2*prompt_pairs for the prefill, past_pairs for the
     decode; fixed dims such as [batch, 128, 3] keep their ints)."""
     out = {}
-    for spec in manifest["graphs"][graph]["inputs"]:
+    for spec in manifest.graphs[graph].inputs:
         shapes = []
         for which in ("min", "opt", "max"):
             dims = {"batch": getattr(profile.batch, which)}
@@ -147,22 +149,15 @@ def input_shapes(manifest: dict, graph: str, profile: EngineProfile
                 dims["prompt_pairs"] = getattr(profile.prompt_tokens, which) // 2
             elif graph == DECODE:
                 dims["past_pairs"] = getattr(profile.past_slots, which)
-            shapes.append(resolve_shape(spec["shape"], dims))
-        out[spec["name"]] = tuple(shapes)
+            shapes.append(resolve_shape(spec.shape, dims))
+        out[spec.name] = tuple(shapes)
     return out
 
 
-def state_bytes(manifest: dict, limits: ContextLimits, batch: int = 1) -> int:
+def state_bytes(manifest: Manifest, limits: ContextLimits, batch: int = 1) -> int:
     """Device bytes of one full-size set of cache/state buffers for `batch` rows (the runtime
     allocates two: ping-pong)."""
-    size = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
-    total = 0
-    for s in manifest["states"]:
-        n = 1
-        for d in resolve_shape(s["shape"], {"batch": batch, "past_pairs": limits.max_slots}):
-            n *= d
-        total += n * size[s["dtype"]]
-    return total
+    return _state_bytes(manifest.states, batch, limits.max_slots)
 
 
 def resolve_precision(requested: Precision | None, export_dtype: str, trt_major: int | None = None

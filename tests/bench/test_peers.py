@@ -186,13 +186,24 @@ def test_report_table_bounds_and_flags():
 
 def test_decode_bytes_counts_quantized_weights():
     from pipo_export.bench.measure import decode_bytes
+    from pipo_graphs.manifest import Manifest
     from pipo_export.model.synthetic import TINY_TEXT_CONFIG, random_model
     model = random_model(TINY_TEXT_CONFIG)
     names = [f"model.layers.{n}" for n, p in model.model.layers.named_parameters() if p.ndim == 2]
-    plain = {"export": {"dtype": "float32", "mode": "regular"}, "states": []}
-    int4 = dict(plain, weights={"format": "int4", "bits": 4, "block_size": 32,
+    plain = {"format": "pipo-export", "contract_version": "1.0",
+             "model": {"vocab_size": 32, "hidden_size": 8, "layer_types": [],
+                       "num_key_value_heads": 2, "head_dim": 4, "pad_token_id": 0,
+                       "eos_token_ids": [], "compressor_type": "mlp", "max_context": 64},
+             "export": {"dtype": "float32", "mode": "regular", "target": "onnxruntime",
+                        "opset": 18, "sample_cap": 32, "tool_versions": {}},
+             "graphs": {g: {"file": f"{g}.onnx", "inputs": [], "outputs": []}
+                        for g in ("prefill_compress", "decode_unfold")},
+             "states": [], "files": {}}
+    int4 = dict(plain, weights={"file": "weights.data", "tensors": 0, "bytes": 0,
+                                "format": "int4", "bits": 4, "block_size": 32,
                                 "quantized": names + ["model.embed_tokens.weight"]})
-    a, b = decode_bytes(model, plain, 0), decode_bytes(model, int4, 0)
+    a = decode_bytes(model, Manifest.from_json(plain), 0)
+    b = decode_bytes(model, Manifest.from_json(int4), 0)
     width = 0.5 + 4 / 32 + 0.5 / 32
     assert b["lm_head"] == pytest.approx(a["lm_head"] / 4 * width)
     matmul = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.ndim == 2)

@@ -24,9 +24,10 @@ from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, SAMPLING_INPUTS
     ModelDims, state_specs
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineManifestError, \
     EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
-    resolve_shape, select_profile
+    select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
+from pipo_graphs.shapes import resolve_shape
 from pipo_export.tensorrt.profiles import BuildError, Precision, context_limits, derive_profiles, \
     input_shapes, parse_profile_bounds, resolve_precision
 from pipo_runtime.requests import ModelFacts, check_request
@@ -88,7 +89,7 @@ def write_export(folder: Path, **kw) -> Path:
 def write_engines(folder: Path, manifest: dict, blobs: dict | None = None, max_batch=1,
                   max_context=None, bounds=(), version=TRT_VERSION, gpu=GPU) -> dict:
     """engines.json as `build` writes it, over the given engine bytes (dummy by default)."""
-    limits = context_limits(manifest, max_batch, max_context)
+    limits = context_limits(Manifest.from_json(manifest), max_batch, max_context)
     profiles = derive_profiles(limits, bounds)
     engines = {}
     for graph in (PREFILL, DECODE):
@@ -100,7 +101,8 @@ def write_engines(folder: Path, manifest: dict, blobs: dict | None = None, max_b
     em = make_engine_manifest(tensorrt_version=version, gpu=gpu, precision="fp32",
                               strongly_typed=True, max_batch=max_batch,
                               max_context=limits.max_context, max_slots=limits.max_slots,
-                              profiles=profiles, engines=engines, export_manifest=manifest)
+                              profiles=profiles, engines=engines,
+                              export_manifest=Manifest.from_json(manifest))
     (folder / ENGINES).write_text(json.dumps(em))
     return em
 
@@ -112,7 +114,7 @@ def export(tmp_path):
 
 # ------------------------------------------------------------------ profiles
 def test_single_profile_covers_the_whole_context():
-    limits = context_limits(fake_manifest(max_context=4096), max_batch=4)
+    limits = context_limits(Manifest.from_json(fake_manifest(max_context=4096)), max_batch=4)
     (p,) = derive_profiles(limits)
     assert p.batch == DimRange(1, 2, 4)
     assert p.prompt_tokens == DimRange(2, 2048, 4094)  # even, 2*(M-1) with M = 2048 pairs
@@ -127,7 +129,7 @@ def test_profiles_partition_every_request_the_runtime_accepts(mode, bounds):
     no cache ever exceeds max_slots (the runtime's buffer size)."""
     n = 64
     manifest = fake_manifest(mode=mode, max_context=n)
-    limits = context_limits(manifest, max_batch=2)
+    limits = context_limits(Manifest.from_json(manifest), max_batch=2)
     profiles = derive_profiles(limits, bounds)
     assert len(profiles) == len(bounds) + 1
     assert all(p.prompt_tokens.min % 2 == 0 and p.prompt_tokens.max % 2 == 0 for p in profiles)
@@ -152,11 +154,12 @@ def test_profiles_partition_every_request_the_runtime_accepts(mode, bounds):
 
 def test_input_shapes_resolve_the_manifest_dims():
     manifest = fake_manifest(max_context=64)
-    (p,) = derive_profiles(context_limits(manifest, max_batch=3))
-    pre = input_shapes(manifest, PREFILL, p)
+    typed = Manifest.from_json(manifest)
+    (p,) = derive_profiles(context_limits(typed, max_batch=3))
+    pre = input_shapes(typed, PREFILL, p)
     assert pre["input_ids"] == ((1, 2), (2, 32), (3, 62))
     assert pre["uniforms"] == ((1, 2), (2, 2), (3, 2))
-    dec = input_shapes(manifest, DECODE, p)
+    dec = input_shapes(typed, DECODE, p)
     assert dec["past.key.1"] == ((1, 2, 1, 4), (2, 2, 15, 4), (3, 2, 30, 4))
     assert dec["past.conv.0"] == ((1, 6, 3), (2, 6, 3), (3, 6, 3))
     assert dec["past.prompt_mask"] == ((1, 32), (2, 32), (3, 32))
@@ -178,7 +181,7 @@ def test_resolve_shape():
 ])
 def test_limits_refuse_bad_flags(kw, match):
     with pytest.raises(BuildError, match=match):
-        context_limits(fake_manifest(max_context=64), **kw)
+        context_limits(Manifest.from_json(fake_manifest(max_context=64)), **kw)
 
 
 def test_profile_bounds_are_validated():
@@ -186,7 +189,7 @@ def test_profile_bounds_are_validated():
     for text in ("4096,512", "8,8", "a,b"):
         with pytest.raises(BuildError, match="--profiles"):
             parse_profile_bounds(text)
-    limits = context_limits(fake_manifest(max_context=64))
+    limits = context_limits(Manifest.from_json(fake_manifest(max_context=64)))
     for bounds in ((64,), (2,)):
         with pytest.raises(BuildError, match="between 2 and"):
             derive_profiles(limits, bounds)
@@ -218,7 +221,7 @@ def test_select_profile_prefers_the_active_one():
 def test_engine_manifest_round_trip(export):
     manifest = json.loads((export / "manifest.json").read_text())
     em = write_engines(export, manifest, max_batch=2, bounds=(16,))
-    loaded = load_engine_manifest(export, manifest)
+    loaded = load_engine_manifest(export, Manifest.from_json(manifest))
     assert loaded == json.loads(json.dumps(em))
     assert check_compatibility(loaded, TRT_VERSION, GPU) == []
     assert len(loaded["profiles"]) == 2 and loaded["limits"]["max_slots"] == 31
@@ -227,7 +230,7 @@ def test_engine_manifest_round_trip(export):
 def test_engine_manifest_mismatches(export, tmp_path):
     manifest = json.loads((export / "manifest.json").read_text())
     with pytest.raises(EngineManifestError, match="pipo-export build"):
-        load_engine_manifest(export, manifest)  # no engines.json yet
+        load_engine_manifest(export, Manifest.from_json(manifest))  # no engines.json yet
     em = write_engines(export, manifest)
     with pytest.raises(EngineManifestError, match="TensorRT 10.15.1.29, this is TensorRT 11.0.0"):
         check_compatibility(em, "11.0.0", GPU)
@@ -238,20 +241,20 @@ def test_engine_manifest_mismatches(export, tmp_path):
     other = dict(manifest, files=dict(manifest["files"], **{
         "decode_unfold.onnx": {"sha256": "0" * 64, "bytes": 6}}))
     with pytest.raises(EngineManifestError, match="built from a different decode_unfold.onnx"):
-        load_engine_manifest(export, other)
+        load_engine_manifest(export, Manifest.from_json(other))
     (export / "prefill_compress.engine").write_bytes(b"swapped")
     with pytest.raises(EngineManifestError, match="prefill_compress.engine does not match"):
-        load_engine_manifest(export, manifest)
+        load_engine_manifest(export, Manifest.from_json(manifest))
     (export / "prefill_compress.engine").unlink()
     with pytest.raises(EngineManifestError, match="is missing"):
-        load_engine_manifest(export, manifest)
+        load_engine_manifest(export, Manifest.from_json(manifest))
     for broken, match in (("{", "not valid JSON"),
                           (json.dumps({k: v for k, v in em.items() if k != "gpu"}), "'gpu'"),
                           (json.dumps(dict(em, format_version="2.0")), "format 2.0"),
                           (json.dumps(dict(em, precision="int8")), "precision")):
         (export / ENGINES).write_text(broken)
         with pytest.raises(EngineManifestError, match=match):
-            load_engine_manifest(export, manifest, verify_files=False)
+            load_engine_manifest(export, Manifest.from_json(manifest), verify_files=False)
 
 
 # ------------------------------------------------------------------ without TensorRT / GPU
@@ -484,9 +487,10 @@ def fake_engines(export: Path, folder: Path, max_batch, max_context, bounds) -> 
     """A copy of `export` with stand-in engines (ONNX file + the profile ranges build derives)."""
     shutil.copytree(export, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    profiles = derive_profiles(context_limits(manifest, max_batch, max_context), bounds)
+    typed = Manifest.from_json(manifest)
+    profiles = derive_profiles(context_limits(typed, max_batch, max_context), bounds)
     blobs = {g: json.dumps({"onnx": str(folder / manifest["graphs"][g]["file"]),
-                            "ranges": [input_shapes(manifest, g, p) for p in profiles]}).encode()
+                            "ranges": [input_shapes(typed, g, p) for p in profiles]}).encode()
              for g in (PREFILL, DECODE)}
     write_engines(folder, manifest, blobs, max_batch, max_context, bounds)
     return manifest

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipo_export.bench import folder_bytes
 from pipo_export.bench.peers import PeerUnavailable, Sample
 from pipo_export.bench.peers.venvs import PeerEnv, last_line, log
 
@@ -43,10 +44,6 @@ def builder_options(hf_config: dict) -> list[str]:
     if int(text.get("mtp_num_hidden_layers") or 0) > 0:
         options.append("exclude_mtp=true")
     return options
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def convert(env: PeerEnv, hf: Path, out: Path, precision: str, force: bool = False) -> GenaiModel:

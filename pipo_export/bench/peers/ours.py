@@ -4,13 +4,14 @@ an export through pipo_runtime (ONNX Runtime CPU)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import MANIFEST, Manifest, ManifestError, load_manifest
 
+from pipo_export.bench import folder_bytes
 from pipo_export.bench.peers import Sample
 from pipo_export.bench.peers.machine import Meter
 from pipo_export.bench.peers.venvs import log
@@ -36,7 +37,7 @@ class OurExport:
     precision: str  # fp32 | int8 | int4
     folder: Path
     bytes: int
-    manifest: dict
+    manifest: Manifest
     export_s: float | None = None  # None: reused
 
     @property
@@ -58,20 +59,19 @@ def needed_context(contexts: list[int], new_tokens: int) -> int:
     return -(-need // 1024) * 1024
 
 
-def _reusable(folder: Path, weights: str, block_size: int, max_context: int) -> dict | None:
-    path = folder / "manifest.json"
-    if not path.is_file():
+def _reusable(folder: Path, weights: str, block_size: int, max_context: int) -> Manifest | None:
+    if not (folder / MANIFEST).is_file():
         return None
-    manifest = json.loads(path.read_text())
-    stored = manifest.get("weights", {})
-    if (stored.get("format", "float") != weights or manifest["model"]["max_context"] < max_context
-            or (weights != "float" and stored.get("block_size") != block_size)):
+    try:
+        manifest = load_manifest(folder, verify_files=False)
+    except ManifestError:  # another contract or a broken file: export again
+        return None
+    stored = manifest.weights
+    fmt = stored.format if stored else "float"
+    if (fmt != weights or manifest.model.max_context < max_context
+            or (weights != "float" and stored.block_size != block_size)):
         return None
     return manifest
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def prepare(checkpoint: Path, root: Path, precisions: list[str], block_size: int,
@@ -101,9 +101,10 @@ def prepare(checkpoint: Path, root: Path, precisions: list[str], block_size: int
                 extra = {"weights": weights, "block_size": block_size} if quantizes else {}
                 t0 = time.perf_counter()
                 try:
-                    manifest = export(ExportOptions(
+                    export(ExportOptions(
                         checkpoint=str(checkpoint), out=str(folder), mode=Mode(mode), force=True,
                         max_context=max_context, trace_cache=str(root / "trace-cache"), **extra))
+                    manifest = load_manifest(folder)
                 except PipoUserError as exc:  # the exporter refuses this precision
                     log(f"skipping pipo-export {precision}: {exc}")
                     skipped.append({"what": f"pipo-export {precision}", "reason": str(exc)})

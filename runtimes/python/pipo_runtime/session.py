@@ -23,6 +23,8 @@ from pipo_runtime.backends.base import RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds
 from pipo_runtime.text import encode, load_tokenizer
 
+DEFAULT_MAX_STEPS = 16  # steps a run takes when neither max_steps nor max_new_tokens is given
+
 
 @dataclass
 class GenerationConfig:

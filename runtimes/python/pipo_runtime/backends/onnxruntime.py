@@ -19,7 +19,7 @@ import numpy as np
 
 from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, \
     present_to_past
-from pipo_graphs.dtypes import numpy_dtype
+from pipo_graphs.dtypes import ONNX_CODES, ONNX_NAMES, numpy_dtype
 from pipo_graphs.errors import PipoUserError
 
 from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
@@ -27,9 +27,9 @@ from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOpti
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
 # onnx TensorProto.DataType -> contract dtype name, for the types an OrtValue can map as is
-ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool",
-               10: "float16", 11: "float64"}
-FLOAT16, UINT8 = 10, 2
+# (numpy has no bfloat16)
+ONNX_DTYPES = {code: name for code, name in ONNX_NAMES.items() if name != "bfloat16"}
+FLOAT16, UINT8 = ONNX_CODES["float16"], ONNX_CODES["uint8"]
 
 
 def resolve_providers(names) -> list[str]:

@@ -28,11 +28,12 @@ import numpy as np
 
 from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, \
     SAMPLING_INPUTS, UNIFORMS
-from pipo_graphs.dtypes import ITEMSIZE, itemsize, numpy_dtype
+from pipo_graphs.dtypes import ITEMSIZE, numpy_dtype
 from pipo_graphs.engine_manifest import GpuInfo, check_compatibility, engine_profiles, \
-    load_engine_manifest, prompt_slots, resolve_shape, select_profile
+    load_engine_manifest, prompt_slots, select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, StateInfo
+from pipo_graphs.shapes import resolve_shape, state_nbytes
 
 from pipo_runtime.backends.base import BackendError, RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
@@ -143,13 +144,6 @@ class CudaDevice:
         self.stream.free()
 
 
-def _volume(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def _host(array: np.ndarray, dtype: str) -> np.ndarray:
     """Device storage -> what callers compare: bfloat16 (uint16 bits) becomes float32."""
     if dtype == "bfloat16":
@@ -170,7 +164,7 @@ class TensorRTStepRunner(StepRunner):
         folder = Path(folder)
         self.trt = trt or require_tensorrt()
         gpu = gpu or gpu_info()
-        self.em = load_engine_manifest(folder, manifest.to_json())
+        self.em = load_engine_manifest(folder, manifest)
         self.warnings = check_compatibility(self.em, self.trt.__version__, gpu, folder)
         self.manifest, self.profiles = manifest, engine_profiles(self.em)
         self.mode = self.em["export"]["mode"]
@@ -243,7 +237,7 @@ class TensorRTStepRunner(StepRunner):
     def _allocate_generation(self) -> None:
         """Two full-size sets (ping-pong) of every state and of pair, for this batch."""
         for s in self.states:
-            nbytes = _volume(self._state_shape(s, self.max_slots)) * itemsize(s.dtype)
+            nbytes = state_nbytes(s, self.batch, self.max_slots)
             for side in (0, 1):
                 self._ensure((s.name, side), nbytes)
         for side in (0, 1):
