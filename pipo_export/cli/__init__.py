@@ -15,6 +15,7 @@ import sys
 
 from pipo_graphs.errors import PipoUserError
 
+COMPILER_PACKAGES = ("torch", "transformers", "peft", "safetensors", "onnxscript")
 COMMANDS = ("inspect", "merge", "tiny", "export", "check", "build", "compare", "bench", "run")
 
 
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(f"pipo_export.cli.{ns.command}").command(ns)
     except PipoUserError as exc:
         print(f"pipo-export: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in COMPILER_PACKAGES:
+            raise
+        print(f"pipo-export: error: `{ns.command}` needs {exc.name}, which is not installed here "
+              "(pip install -e . installs the compiler's dependencies; check and build run "
+              "without them)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pipo-export: interrupted", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipo_graphs.errors import PipoUserError
@@ -125,6 +125,9 @@ def measure(export: OurExport, prompt: list[int], new_tokens: int, threads: int)
 
     t0 = time.perf_counter()
     session = PipoSession.load(export.folder, threads=threads)
+    # the peers generate a fixed count (llama-bench ignores EOS): so do we, or random weights
+    # that sample EOS first would time no decode step at all
+    session.facts = replace(session.facts, eos_ids=frozenset())
     load_s = time.perf_counter() - t0
     try:
         config = GenerationConfig(max_new_tokens=new_tokens, threshold=-1.0)
