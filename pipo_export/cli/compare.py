@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
+from pipo_graphs.contract import CONFIDENCE, PAIR, PRESENT
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST
 from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
 
-EXACT = ("pair", "present.attention_mask", "present.position", "present.prompt_mask",
-         "present.output_mask")
+# outputs that must match exactly: the pair and the bookkeeping states (masks, position)
+EXACT = (PAIR, *(PRESENT + name for name in ("attention_mask", "position", "prompt_mask",
+                                              "output_mask")))
 DEFAULT_PROMPTS = ([5, 17, 300], list(range(40, 51)), list(range(7, 140)))
 DEFAULT_BACKENDS = (Backend.TORCH, Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE)  # --backends
 
@@ -80,7 +82,7 @@ def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> d
             continue
         ref_steps = runs[ref_name]
         diverged = next((i for i, (a, b) in enumerate(zip(ref_steps, steps))
-                         if not np.array_equal(a["pair"], b["pair"])), None)
+                         if not np.array_equal(a[PAIR], b[PAIR])), None)
         upto = len(steps) if diverged is None else diverged + 1
         results = RunResults()
         for run_name, data in ((ref_name, ref_steps[:upto]), (name, steps[:upto])):
@@ -94,11 +96,11 @@ def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> d
         per_step = []
         iterations = accuracy[0][(ref_name, name)]  # one AccuracyResult per compare function
         for i, iteration in enumerate(iterations):
-            conf = iteration["confidence"]
+            conf = iteration[CONFIDENCE]
             states = [r for k, r in iteration.items() if k.startswith("present.")]
             per_step.append({
-                "step": i, "tokens_agree": bool(np.array_equal(ref_steps[i]["pair"],
-                                                               steps[i]["pair"])),
+                "step": i, "tokens_agree": bool(np.array_equal(ref_steps[i][PAIR],
+                                                               steps[i][PAIR])),
                 "confidence_max_abs": float(conf.max_absdiff),
                 "confidence_max_rel": float(conf.max_reldiff),
                 "states_max_abs": float(max((float(r.max_absdiff) for r in states), default=0)),
@@ -125,7 +127,7 @@ def scaled_atol(ref_steps: list[dict], atol: float) -> dict[str, float]:
 
 
 def _commit_rate(steps: list[dict], pad: int) -> float:
-    kept = [s["pair"][:, 1] != pad for s in steps]
+    kept = [s[PAIR][:, 1] != pad for s in steps]
     return float(np.mean(np.concatenate(kept))) if kept else 0.0
 
 

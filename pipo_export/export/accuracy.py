@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipo_graphs.contract import DECODE, PREFILL, UNIFORMS, present_to_past
+from pipo_graphs.contract import DECODE, PAIR, PREFILL, UNIFORMS, present_to_past
 
 PROMPT_TOKENS, STEPS = 64, 64
 TWIN_BUDGET = 8 << 30  # bytes of float32 weights the comparison may write and map
@@ -45,9 +45,9 @@ def compare_twins(float_sessions: dict, quant_sessions: dict, vocab: int, pad: i
         f, q = out["float"], out["quant"]
         worst = max(worst, float(np.abs(f[logits_name] - q[logits_name]).max()))
         scale = max(scale, float(np.abs(f[logits_name]).max()))
-        agree += (f["pair"] == q["pair"])[0]
+        agree += (f[PAIR] == q[PAIR])[0]
         for name in runs:  # both continue from the float twin's pair
-            runs[name] = (runs[name][0], {"input_pair": f["pair"], **present_to_past(out[name]),
+            runs[name] = (runs[name][0], {"input_pair": f[PAIR], **present_to_past(out[name]),
                                           **sampling, UNIFORMS: np.zeros((1, 2), np.float32)})
     return {"reference": "float32 twin of the same pieces", "prompt_tokens": PROMPT_TOKENS,
             "steps": STEPS, "teacher_forced": True, "max_logit_error": worst,

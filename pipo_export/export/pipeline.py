@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from pipo_graphs.contract import CONTRACT_VERSION, DECODE, PAST, PREFILL, PRESENT, Mode, \
-    Target, state_name
+from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
+    PRESENT, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, file_entries
 from pipo_runtime.text import TOKENIZER_FILES
@@ -169,7 +169,7 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
                                     piece.outputs[0].shape))
             asm.alias("x", extra[-1].name)
     contract = set(spec.output_names)
-    outputs = {s.name: s.name if s.name in ("pair", "confidence") else PRESENT + s.name
+    outputs = {s.name: s.name if s.name in (PAIR, CONFIDENCE) else PRESENT + s.name
                for s in head.outputs}
     outputs = {k: v for k, v in outputs.items() if v in contract}
     asm.add(head, protos[head.name], "head", None, {}, outputs)

@@ -24,8 +24,8 @@ import onnx
 import torch
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, UNIFORMS, Mode, present_to_past, \
-    state_name
+from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, UNIFORMS, \
+    Mode, present_to_past, state_name
 
 from pipo_export.errors import ExportError
 from pipo_export.export.reference import References
@@ -91,7 +91,7 @@ def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int,
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(names, step_feeds)))
         out.append({**step_feeds, **values})
-        step_feeds = {"input_pair": values["pair"], **present_to_past(values), **sampling,
+        step_feeds = {"input_pair": values[PAIR], **present_to_past(values), **sampling,
                       UNIFORMS: uniforms(s + 1)}
     del sessions
     return out
@@ -114,7 +114,7 @@ def _output(vals: dict, piece_kind: str, name: str, layer: int | None) -> np.nda
         return vals[f"{CHECK}layers.{layer}/x" if name == "x" else PRESENT + state_name(name, layer)]
     if name == LOGITS:
         return vals[f"{CHECK}head/{LOGITS}"]
-    return vals[name if name in ("pair", "confidence") else PRESENT + name]
+    return vals[name if name in (PAIR, CONFIDENCE) else PRESENT + name]
 
 
 def _torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -155,12 +155,12 @@ class Checker:
                 with torch.no_grad():
                     low = pieces["low"].fn(owners["low"], *args["low"])
             outs = {o.name: (r, l) for o, r, l in zip(pieces["ref"].outputs, ref, low)}
-            if "pair" in outs:
-                got = _output(vals, piece_kind, "pair", layer)
-                want = outs["pair"][0].numpy()
+            if PAIR in outs:
+                got = _output(vals, piece_kind, PAIR, layer)
+                want = outs[PAIR][0].numpy()
                 if not np.array_equal(got, want):
                     threshold = vals["threshold"]
-                    if near_tie_tokens(calls, got, want, outs["confidence"][0].numpy(),
+                    if near_tie_tokens(calls, got, want, outs[CONFIDENCE][0].numpy(),
                                        threshold, self.pad_id, eps=self._logit_error(vals, outs)):
                         self.near_ties.append(s)
                         continue

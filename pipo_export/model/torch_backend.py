@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipo_graphs.contract import PRESENT, SAMPLING_INPUTS, UNIFORMS, Mode
+from pipo_graphs.contract import CONFIDENCE, PAIR, PRESENT, SAMPLING_INPUTS, UNIFORMS, Mode
 from pipo_graphs.errors import PipoUserError
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
@@ -61,7 +61,7 @@ class TorchStepRunner(StepRunner):
                                                 self._t(uniforms)))
 
     def outputs(self):
-        out = {"pair": self.pair.numpy(), "confidence": self.conf.numpy()}
+        out = {PAIR: self.pair.numpy(), CONFIDENCE: self.conf.numpy()}
         out.update({PRESENT + k: v.float().numpy() if v.is_floating_point() else v.numpy()
                     for k, v in self.states.items()})
         return out
