@@ -57,7 +57,8 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
     show = args.stream and not args.json
     as_text = session.tokenizer is not None
     try:
-        for event in session.stream(prompts, config):
+        stream = session.stream(prompts, config)
+        for event in stream:
             piece = event.text if as_text else " ".join(map(str, event.tokens)) + " "
             if show and piece and len(prompts) > 1:
                 print(f"[{event.row}] {piece}", flush=True)
@@ -67,7 +68,7 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
             print()
     finally:
         session.close()
-    r = session.last_result
+    r = stream.result
     timings = {"ttft_ms": round(r.ttft_s * 1e3, 3), "ms_per_step": round(r.ms_per_step, 3),
                "ms_per_token": round(r.ms_per_token, 3), "steps": r.steps}
     results = []

@@ -105,13 +105,13 @@ def test_seeded_sampling_same_tokens_as_torch(trt_export, ref_model, threshold):
 
 def test_dynamic_dims_symbolic_if_present_weights_once(trt_export):
     manifest = load_manifest(trt_export)
-    for graph in manifest["graphs"].values():
-        dims = symbolic_dims(trt_export / graph["file"])
-        for t in graph["inputs"] + graph["outputs"]:
-            for d in t["shape"]:
-                assert not isinstance(d, int) or d in dims[t["name"]]
+    for graph in manifest.graphs.values():
+        dims = symbolic_dims(trt_export / graph.file)
+        for t in graph.inputs + graph.outputs:
+            for d in t.shape:
+                assert not isinstance(d, int) or d in dims[t.name]
             # every dim the contract leaves dynamic is a dim_param in the file
-            assert dims[t["name"]][0] == "batch"
+            assert dims[t.name][0] == "batch"
         assert "2*prompt_pairs" in dims.get("input_ids", ["2*prompt_pairs"])
     assert "If" in op_types(trt_export / "decode_unfold.onnx")
     assert "Scan" in op_types(trt_export / "prefill_compress.onnx")

@@ -82,8 +82,9 @@ def test_text_stream_and_stop_string(layout_export):
     """With tokenizer.json in the export: text prompts, text deltas that add up, stop strings."""
     session = PipoSession.load(layout_export)
     config = GenerationConfig(max_steps=12, threshold=0.3, sampling=SAMPLED, seed=2)
-    deltas = "".join(e.text for e in session.stream("The exporter writes", config))
-    seq = session.last_result.sequences[0]
+    stream = session.stream("The exporter writes", config)
+    deltas = "".join(e.text for e in stream)
+    seq = stream.result.sequences[0]
     assert seq.text and deltas == seq.text
     stop = seq.text[len(seq.text) // 2:][:3]
     cut = session.generate("The exporter writes",

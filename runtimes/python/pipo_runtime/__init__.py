@@ -10,8 +10,9 @@ from pipo_graphs.errors import PipoUserError
 from pipo_runtime.backends import Backend
 from pipo_runtime.backends.base import OrtOptimization, RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
-from pipo_runtime.session import GenerationConfig, GenerationResult, PipoSession, SequenceResult, StreamEvent
+from pipo_runtime.session import GenerationConfig, GenerationResult, GenerationStream, \
+    PipoSession, SequenceResult, StreamEvent
 
-__all__ = ["Backend", "GenerationConfig", "GenerationResult", "ModelFacts", "OrtOptimization",
+__all__ = ["Backend", "GenerationConfig", "GenerationResult", "GenerationStream", "ModelFacts", "OrtOptimization",
            "PipoSession", "PipoUserError", "RunnerOptions", "SamplingParams", "SequenceResult",
            "StepRunner", "StreamEvent"]

@@ -3,11 +3,19 @@ generate or stream. Its loop is the only generation loop: every backend runs thr
 
     session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
     result = session.generate(["Hello"] or [[5, 17, 300]], GenerationConfig(max_new_tokens=64))
-    for event in session.stream([[5, 17, 300]], GenerationConfig(temperature=...)): ...
+    stream = session.stream([[5, 17, 300]], GenerationConfig(max_steps=32))
+    for event in stream: ...
+    stream.result  # the GenerationResult, once the stream is exhausted
+
+Threads: a session may be shared. Each call runs its own generation (its own states, sampling
+inputs and result: `StepRunner.begin()`), over the backend's shared graphs and weights; a
+backend that cannot run two generations at once (TensorRT: one execution context per graph)
+runs them one after another. Concurrent calls give exactly what the same calls give serially.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +85,34 @@ class GenerationResult:
         return 1e3 * self.decode_s / max(later, 1)
 
 
+class GenerationStream:
+    """The iterator `PipoSession.stream` returns: StreamEvents, then `.result` is set."""
+
+    def __init__(self, events: Iterator[StreamEvent], result: GenerationResult):
+        self._events, self._result = events, result
+        self._done = False
+
+    def __iter__(self) -> "GenerationStream":
+        return self
+
+    def __next__(self) -> "StreamEvent":
+        try:
+            return next(self._events)
+        except StopIteration:
+            self._done = True
+            raise
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._done:
+            raise RuntimeError("the stream has not finished: iterate it to the end first")
+        return self._result
+
+    def close(self) -> None:
+        """Stop early (frees the generation's states)."""
+        self._events.close()
+
+
 @dataclass
 class StreamEvent:
     row: int
@@ -93,6 +129,8 @@ class PipoSession:
                  tokenizer=None, manifest: Manifest | None = None):
         self.folder, self.runner, self.tokenizer, self.manifest = folder, runner, tokenizer, manifest
         self.facts = runner.facts(facts)
+        # held for a whole generation by backends whose generations cannot overlap
+        self._serial = None if runner.concurrent else threading.Lock()
 
     @classmethod
     def load(cls, folder, backend: Backend | str = Backend.ONNXRUNTIME,
@@ -120,27 +158,42 @@ class PipoSession:
             raise PipoUserError("empty prompt: every prompt needs at least one token")
         return out
 
-    def stream(self, prompts, config: GenerationConfig) -> Iterator[StreamEvent]:
-        """Yield user tokens (and text deltas) as steps complete. The final result is available
-        as `self.last_result` once the iterator is exhausted."""
+    def stream(self, prompts, config: GenerationConfig) -> GenerationStream:
+        """Check the request (now), then yield user tokens (and text deltas) as steps complete;
+        the returned stream's `.result` holds the GenerationResult once it is exhausted."""
         prompts = self._prompts(prompts)
         steps = config.steps()
         config.sampling.validate()
         check_request(self.facts, prompts, steps)
+        result = GenerationResult([SequenceResult() for _ in prompts])
+        return GenerationStream(self._events(prompts, config, steps, result), result)
+
+    def _events(self, prompts: list[list[int]], config: GenerationConfig, steps: int,
+                result: GenerationResult) -> Iterator[StreamEvent]:
+        if self._serial is not None:
+            with self._serial:
+                yield from self._steps(self.runner, prompts, config, steps, result)
+            return
+        runner = self.runner.begin()  # this generation's states; graphs and weights shared
+        try:
+            yield from self._steps(runner, prompts, config, steps, result)
+        finally:
+            runner.end()
+
+    def _steps(self, runner: StepRunner, prompts, config: GenerationConfig, steps: int,
+               result: GenerationResult) -> Iterator[StreamEvent]:
         seqs = [config.seq_offset + i for i in range(len(prompts))]
         feeds = prefill_feeds(prompts, self.facts.pad_id, config.sampling, config.threshold,
                               config.seed, seqs)
-        outs = [SequenceResult() for _ in prompts]
-        texts = ["" for _ in prompts]
+        outs, texts = result.sequences, ["" for _ in prompts]
         stop_ids = set(config.stop_token_ids)
-        result = GenerationResult(outs)
         start = time.perf_counter()
-        pair, conf = self.runner.prefill(feeds)
+        pair, conf = runner.prefill(feeds)
         result.ttft_s = time.perf_counter() - start
         for step in range(steps):
             if step:
                 t = time.perf_counter()
-                pair, conf = self.runner.decode(step_uniforms(config.seed, seqs, step))
+                pair, conf = runner.decode(step_uniforms(config.seed, seqs, step))
                 result.decode_s += time.perf_counter() - t
             result.steps = step + 1
             for row, out in enumerate(outs):
@@ -161,13 +214,13 @@ class PipoSession:
             delta = self._text(out, row, texts, config, final=True)
             if delta:
                 yield StreamEvent(row, [], delta, result.steps - 1)
-        self.last_result = result
 
     def generate(self, prompts, config: GenerationConfig) -> GenerationResult:
         """Run to completion; exactly what `stream` yields, collected."""
-        for _ in self.stream(prompts, config):
+        stream = self.stream(prompts, config)
+        for _ in stream:
             pass
-        return self.last_result
+        return stream.result
 
     @staticmethod
     def _limit(out: SequenceResult, new: list[int], config: GenerationConfig) -> list[int]:

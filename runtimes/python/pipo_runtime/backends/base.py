@@ -7,7 +7,14 @@ A `StepRunner` runs one generation's steps and keeps the states inside the backe
     decode(uniforms [B, 2]) -> (pair, confidence)     the next step; states stay inside
     outputs() -> {name: numpy}                         every output of the last step (compare)
     facts(facts) -> ModelFacts                         what requests are checked against
+    begin() -> StepRunner / end()                      one generation's runner (see below)
     close()
+
+Threads: the loaded runner holds the graphs and weights; `begin()` gives one generation its own
+runner over them (by default a shallow copy: every state attribute is assigned anew by
+`prefill`), and `end()` frees that generation's states. A backend whose graphs cannot run two
+generations at once sets `concurrent = False`; PipoSession then runs its generations one at a
+time on the loaded runner itself.
 
 A backend module (registered in pipo_runtime.backends) provides
 `load(folder, manifest, options) -> StepRunner`; `manifest` is None only for a backend that
@@ -15,6 +22,7 @@ sets `RUNS_CHECKPOINTS = True` and is given a checkpoint folder.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -73,6 +81,14 @@ class StepRunner:
     """One backend's prefill and decode steps (see the module doc)."""
 
     name = "step runner"
+    concurrent = True  # generations may run at once on runners from begin()
+
+    def begin(self) -> "StepRunner":
+        """A runner for one generation, sharing this one's graphs and weights."""
+        return copy.copy(self)
+
+    def end(self) -> None:
+        """Free this generation's states (the runner from `begin`)."""
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError

@@ -61,6 +61,7 @@ class OnnxReferenceStepRunner(StepRunner):
     """prefill/decode with numpy feeds and outputs; each step's outputs are the next's states."""
 
     name = "onnx-reference"
+    concurrent = False  # onnx's ReferenceEvaluator makes no thread-safety promise
 
     def __init__(self, prefill_path: Path, decode_path: Path):
         try:

@@ -259,6 +259,9 @@ class OrtStepRunner(StepRunner):
     def outputs(self):
         return {k: v.numpy() for k, v in self.values.items()}
 
+    def end(self):
+        self.values = self.fixed = self.uniforms = None
+
     def close(self):
         self.pre = self.dec = self.values = None
 

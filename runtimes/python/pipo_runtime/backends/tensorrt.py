@@ -158,6 +158,7 @@ class TensorRTStepRunner(StepRunner):
     current GPU; tests pass stand-ins to exercise the buffer logic without a GPU."""
 
     name = "tensorrt"
+    concurrent = False  # one execution context and one set of state buffers per graph
 
     def __init__(self, folder, manifest: Manifest, trt=None, device=None,
                  gpu: GpuInfo | None = None):
