@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .contract import DECODE, PREFILL
 from .errors import PipoUserError
-from .manifest import Manifest, ManifestError, _check_schema, sha256_file
+from .manifest import Manifest, ManifestError, _check_schema, read_sealed, sha256_file
 
 ENGINES = "engines.json"
 ENGINE_FORMAT = "pipo-engines"
@@ -139,9 +139,14 @@ def load_engine_manifest(folder: str | Path, export_manifest: Manifest,
         raise EngineManifestError(f"{folder}: no {ENGINES}; build the TensorRT engines first: "
                                   f"pipo-export build {folder}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_sealed(path))
+    except ManifestError as exc:
+        raise EngineManifestError(f"{exc} (or rebuild: pipo-export build {folder} --force)") \
+            from None
     except json.JSONDecodeError as exc:
         raise EngineManifestError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise EngineManifestError(f"{path}: not a JSON object")
     try:
         _check_schema(data, json.loads(SCHEMA.read_text()), "engines")
     except ManifestError as exc:

@@ -22,6 +22,7 @@ from .dtypes import DType
 from .errors import PipoUserError
 
 MANIFEST = "manifest.json"
+SEAL_SUFFIX = ".sha256"  # manifest.json -> manifest.sha256, in `sha256sum -c` format
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 LayerType = Literal["linear_attention", "full_attention"]
 get_origin, get_args = typing.get_origin, typing.get_args
@@ -275,6 +276,16 @@ class Manifest(_Json):
         for graph in (PREFILL, DECODE):
             if graph not in manifest.graphs:
                 raise ManifestError(f"{where}.graphs: missing '{graph}'")
+        m = manifest.model
+        for name in ("vocab_size", "hidden_size", "num_key_value_heads", "head_dim",
+                     "max_context"):
+            if getattr(m, name) < 1:
+                raise ManifestError(f"{where}.model.{name} is {getattr(m, name)}, expected >= 1")
+        for name, ids in (("pad_token_id", [m.pad_token_id]), ("eos_token_ids", m.eos_token_ids)):
+            outside = [i for i in ids if not 0 <= i < m.vocab_size]
+            if outside:
+                raise ManifestError(f"{where}.model.{name} {outside} outside the vocabulary "
+                                    f"[0, {m.vocab_size})")
         return manifest
 
     def graph(self, name: str) -> GraphInfo:
@@ -292,6 +303,43 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def seal_path(path: Path) -> Path:
+    """The checksum file that protects a JSON file: manifest.json -> manifest.sha256."""
+    return path.with_name(path.stem + SEAL_SUFFIX)
+
+
+def write_sealed(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` and its sha256 to seal_path(path) (`sha256sum -c`
+    verifies it)."""
+    data = text.encode()
+    path.write_bytes(data)
+    seal_path(path).write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+
+
+def read_sealed(path: Path) -> str:
+    """The text of `path` once its bytes match the sha256 in seal_path(path); ManifestError
+    (one line: the file, the problem, the fix) when the seal is missing, malformed or
+    different."""
+    seal = seal_path(path)
+    try:
+        data, line = path.read_bytes(), seal.read_bytes()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{exc.filename}: missing; {path.name} is only read with its "
+                            f"checksum file {seal.name} beside it (re-export)") from None
+    except OSError as exc:
+        raise ManifestError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
+    want = line.split(b" ", 1)[0].strip().decode("ascii", "replace")
+    if line.rstrip(b"\n") != f"{want}  {path.name}".encode() or len(want) != 64:
+        raise ManifestError(f"{seal}: not a sha256 line for {path.name} (corrupted); re-export")
+    if hashlib.sha256(data).hexdigest() != want:
+        raise ManifestError(f"{path}: does not match its sha256 in {seal.name} (the file was "
+                            "changed or corrupted); re-export")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def file_entries(folder: Path, names: list[str]) -> dict:
@@ -317,18 +365,21 @@ def _check_schema(data: dict, schema: dict, where: str) -> None:
 
 
 def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
-    """Read and check folder/manifest.json: every field's presence and type, the contract
-    version, and (by default) that every listed file exists with its recorded sha256."""
+    """Read and check folder/manifest.json: its bytes against manifest.sha256, every field's
+    presence and type, the contract version, and (by default) that every listed file exists
+    with its recorded sha256. So any changed byte of any export file is refused."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{folder}: no {MANIFEST}; not a pipo-export export folder "
                             "(make one with: pipo-export export CKPT -o OUT)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_sealed(path))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-    version = data.get("contract_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: not a JSON object; re-export")
+    version = data.get("contract_version")
     if isinstance(version, str) and version.split(".")[0] != CONTRACT_VERSION.split(".")[0]:
         raise ManifestError(f"{path}: graph contract {version}, this runtime reads "
                             f"{CONTRACT_VERSION}; re-export with this pipo-export version")

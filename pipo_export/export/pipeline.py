@@ -25,7 +25,7 @@ import torch
 from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
     PRESENT, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
-from pipo_graphs.manifest import MANIFEST, file_entries
+from pipo_graphs.manifest import MANIFEST, file_entries, write_sealed
 from pipo_runtime.text import TOKENIZER_FILES
 
 from pipo_export.errors import ExportError
@@ -252,7 +252,7 @@ def export(opts: ExportOptions) -> dict:
         manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts, max_context, io, states,
                                   stored, timings, validation, (prefill_spec, decode_spec))
         manifest["files"] = file_entries(tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied])
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_sealed(tmp / MANIFEST, json.dumps(manifest, indent=2))
     log(f"wrote {opts.out}: {stored['tensors']} weight tensors, {stored['bytes']:,} bytes in "
         f"{WEIGHTS_FILE}; {timings['total_s']:.1f}s")
     return manifest

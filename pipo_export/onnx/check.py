@@ -6,8 +6,8 @@ from pathlib import Path
 
 import onnx
 
-from pipo_graphs.contract import DECODE, PREFILL, Mode, Target
-from pipo_graphs.manifest import ManifestError, load_manifest
+from pipo_graphs.contract import DECODE, PAST, PREFILL, Mode, Target, state_specs
+from pipo_graphs.manifest import Manifest, ManifestError, load_manifest
 
 from pipo_export.onnx.graph import op_types, symbolic_dims, weight_refs
 
@@ -22,6 +22,25 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return all(ok for _, ok, _ in self.checks)
+
+
+def model_fact_problems(manifest: Manifest, decode_dims: dict[str, list]) -> list[str]:
+    """Where the manifest's model facts disagree with its states and the decode graph's past.*
+    inputs (`decode_dims`: input name -> shape read from the .onnx file)."""
+    mode = manifest.export.mode
+    problems = []
+    want = {s.name: list(s.shape) for s in state_specs(manifest.model.dims(),
+                                                         mtp=mode == Mode.PIPO)}
+    have = {s.name: list(s.shape) for s in manifest.states}
+    if set(want) != set(have):
+        problems.append(f"states {sorted(set(want) ^ set(have))[:4]} differ from the model's")
+    for name in sorted(set(want) & set(have)):
+        if want[name] != have[name]:
+            problems.append(f"state {name}: manifest {have[name]}, model facts {want[name]}")
+        if decode_dims.get(PAST + name) != want[name]:
+            problems.append(f"decode input {PAST + name}: file {decode_dims.get(PAST + name)}, "
+                            f"model facts {want[name]}")
+    return problems
 
 
 def check_export(folder: str | Path) -> CheckReport:
@@ -47,6 +66,9 @@ def check_export(folder: str | Path) -> CheckReport:
                 bad.append(f"{t.name}: file {have}, manifest {t.shape}")
         report.add(f"I/O of {path.name} as in the manifest (dynamic dims symbolic)", not bad,
                    "; ".join(bad[:4]))
+    problems = model_fact_problems(manifest, symbolic_dims(paths[DECODE]))
+    report.add("model facts (vocabulary, pad/eos ids, dims) agree with the states and graphs",
+               not problems, "; ".join(problems[:4]))
     if manifest.export.mode == Mode.PIPO:
         report.add("decode graph holds the confidence-gate If", "If" in op_types(paths[DECODE]))
     refs = weight_refs(paths[PREFILL]) + weight_refs(paths[DECODE])

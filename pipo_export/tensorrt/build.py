@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipo_graphs.contract import DECODE, PREFILL, Target
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, make_engine_manifest
-from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
+from pipo_graphs.manifest import Manifest, load_manifest, seal_path, sha256_file, write_sealed
 
 from pipo_export.tensorrt.profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)
@@ -113,8 +113,9 @@ def _verify_engine(blob: bytes, graph: str, manifest: Manifest, n_profiles: int)
 def _publish(tmp: Path, folder: Path, names: list[str]) -> None:
     """Move the engines in, engines.json last (the old one goes first, so no engines.json ever
     describes engines that are not there)."""
+    seal = seal_path(folder / ENGINES).name
     (folder / ENGINES).unlink(missing_ok=True)
-    for name in names:
+    for name in [*names, seal]:
         os.replace(tmp / name, folder / name)
     os.replace(tmp / ENGINES, folder / ENGINES)
 
@@ -188,7 +189,7 @@ def build(opts: BuildOptions) -> dict:
                              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                              "timings": timings}})
         import json
-        (tmp / ENGINES).write_text(json.dumps(em, indent=2))
+        write_sealed(tmp / ENGINES, json.dumps(em, indent=2))
         _publish(tmp, folder, list(ENGINE_FILES.values()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

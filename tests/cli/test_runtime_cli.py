@@ -10,7 +10,7 @@ import pytest
 
 from pipo_export.onnx.graph import iter_graphs
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import file_entries
+from pipo_graphs.manifest import file_entries, write_sealed
 from pipo_runtime import GenerationConfig, PipoSession
 
 from conftest import run_cli
@@ -55,7 +55,7 @@ def _altered(src, dst, scale: float):
     data.tofile(dst / "weights.data")
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["files"] = file_entries(dst, list(manifest["files"]))
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_sealed(dst / "manifest.json", json.dumps(manifest, indent=2))
     return dst
 
 
@@ -114,9 +114,9 @@ def test_bad_export_folders(export_copy, tmp_path):
     manifest = json.loads((export_copy / "manifest.json").read_text())
 
     wrong = dict(manifest, contract_version="2.0")
-    (export_copy / "manifest.json").write_text(json.dumps(wrong))
+    write_sealed(export_copy / "manifest.json", json.dumps(wrong))
     assert "graph contract 2.0" in _user_error("run", out, "--ids", "5")
-    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_sealed(export_copy / "manifest.json", json.dumps(manifest))
 
     original = (export_copy / "decode_unfold.onnx").read_bytes()
     shutil.copy(export_copy / "prefill_compress.onnx", export_copy / "decode_unfold.onnx")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipo_graphs import SamplingParams
+from pipo_graphs.manifest import write_sealed
 from pipo_graphs.rng import uniform
 from pipo_runtime.session import GenerationConfig, PipoSession
 from pipo_runtime.text import result_dict
@@ -144,7 +145,7 @@ def _manifest_edit(folder: Path, edit) -> None:
     path = folder / "manifest.json"
     data = json.loads(path.read_text())
     edit(data)
-    path.write_text(json.dumps(data))
+    write_sealed(path, json.dumps(data))
 
 
 def _broken(kind: str, ort_export: Path, tmp_path: Path) -> list:
@@ -157,7 +158,7 @@ def _broken(kind: str, ort_export: Path, tmp_path: Path) -> list:
         return [tmp_path / "empty", *ok]
     folder = _copy(ort_export, tmp_path)
     if kind == "bad json":
-        (folder / "manifest.json").write_text("{\"format\": ")
+        write_sealed(folder / "manifest.json", "{\"format\": ")
     elif kind == "contract":
         _manifest_edit(folder, lambda m: m.update(contract_version="2.0"))
     elif kind == "checksum":

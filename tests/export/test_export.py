@@ -15,7 +15,7 @@ from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
 from pipo_export.onnx.graph import symbolic_dims
 from pipo_export.onnx.graph import iter_graphs, weight_refs
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.manifest import load_manifest
+from pipo_graphs.manifest import load_manifest, write_sealed
 from pipo_runtime import GenerationConfig, PipoSession
 
 from conftest import TINY_REF, run_cli, run_json
@@ -151,6 +151,26 @@ def test_check_passes_and_detects_corruption(trt_export, tmp_path):
     proc = run_cli("run", str(bad), "--ids", "1,2", check=False)
     assert proc.returncode == 2 and "does not match its sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_cross_checks_resealed_model_facts(trt_export, tmp_path):
+    """A manifest edited and resealed (so every checksum holds): model facts that disagree with
+    the graphs fail `check`; ids outside the vocabulary fail at load, in one line."""
+    bad = tmp_path / "bad"
+    shutil.copytree(trt_export, bad)
+    manifest = json.loads((trt_export / "manifest.json").read_text())
+    manifest["model"]["head_dim"] *= 2
+    write_sealed(bad / "manifest.json", json.dumps(manifest))
+    report = check_export(bad)
+    failed = [(n, d) for n, ok, d in report.checks if not ok]
+    assert [n for n, _ in failed] == ["model facts (vocabulary, pad/eos ids, dims) agree with "
+                                      "the states and graphs"], failed
+    assert "state key.3" in failed[0][1] and "past.key.3" in failed[0][1]
+    manifest["model"]["head_dim"] //= 2
+    manifest["model"]["eos_token_ids"] = [7, manifest["model"]["vocab_size"]]
+    write_sealed(bad / "manifest.json", json.dumps(manifest))
+    proc = run_cli("check", str(bad), check=False)
+    assert proc.returncode == 1 and "eos_token_ids [512] outside the vocabulary" in proc.stdout
 
 
 def test_manifest_describes_the_export(trt_export):

@@ -26,7 +26,8 @@ from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineM
     EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
     select_profile
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
+from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file, \
+    write_sealed
 from pipo_graphs.shapes import resolve_shape
 from pipo_export.tensorrt.profiles import BuildError, Precision, context_limits, derive_profiles, \
     input_shapes, parse_profile_bounds, resolve_precision
@@ -82,7 +83,7 @@ def write_export(folder: Path, **kw) -> Path:
         (folder / name).write_bytes(data)
     manifest["files"] = file_entries(folder, ["prefill_compress.onnx", "decode_unfold.onnx",
                                               "weights.data"])
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_sealed(folder / "manifest.json", json.dumps(manifest))
     return folder
 
 
@@ -103,7 +104,7 @@ def write_engines(folder: Path, manifest: dict, blobs: dict | None = None, max_b
                               max_context=limits.max_context, max_slots=limits.max_slots,
                               profiles=profiles, engines=engines,
                               export_manifest=Manifest.from_json(manifest))
-    (folder / ENGINES).write_text(json.dumps(em))
+    write_sealed(folder / ENGINES, json.dumps(em))
     return em
 
 
@@ -252,7 +253,7 @@ def test_engine_manifest_mismatches(export, tmp_path):
                           (json.dumps({k: v for k, v in em.items() if k != "gpu"}), "'gpu'"),
                           (json.dumps(dict(em, format_version="2.0")), "format 2.0"),
                           (json.dumps(dict(em, precision="int8")), "precision")):
-        (export / ENGINES).write_text(broken)
+        write_sealed(export / ENGINES, broken)
         with pytest.raises(EngineManifestError, match=match):
             load_engine_manifest(export, Manifest.from_json(manifest), verify_files=False)
 

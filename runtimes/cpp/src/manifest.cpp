@@ -68,7 +68,39 @@ GraphInfo graph_info(const Json& graphs, const char* name, const std::string& pa
   return info;
 }
 
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": missing or cannot be read");
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in.good() && !in.eof()) throw Error(path + ": cannot be read");
+  return text.str();
+}
+
 }  // namespace
+
+std::string read_sealed(const std::string& path, const std::string& name) {
+  std::string seal = path.substr(0, path.size() - name.size()) +
+                     name.substr(0, name.rfind('.')) + ".sha256";
+  std::string seal_name = seal.substr(seal.rfind('/') + 1);
+  if (!is_file(seal)) {
+    throw Error(seal + ": missing; " + name + " is only read with its checksum file " +
+                seal_name + " beside it (re-export)");
+  }
+  std::string line = read_file(seal), data = read_file(path);
+  std::string want = line.substr(0, line.find(' '));
+  std::string body = line.size() && line.back() == '\n' ? line.substr(0, line.size() - 1) : line;
+  if (want.size() != 64 || body != want + "  " + name) {
+    throw Error(seal + ": not a sha256 line for " + name + " (corrupted); re-export");
+  }
+  Sha256 h;
+  h.update(data.data(), data.size());
+  if (h.hex_digest() != want) {
+    throw Error(path + ": does not match its sha256 in " + seal_name +
+                " (the file was changed or corrupted); re-export");
+  }
+  return data;
+}
 
 Manifest load_manifest(const std::string& folder, bool verify_files) {
   if (!is_dir(folder)) {
@@ -79,12 +111,8 @@ Manifest load_manifest(const std::string& folder, bool verify_files) {
     throw Error(folder + ": no manifest.json; not a pipo-export export folder "
                 "(make one with: pipo-export export CKPT -o OUT)");
   }
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream text;
-  text << in.rdbuf();
-  if (!in.good() && !in.eof()) throw Error(path + ": cannot read");
-  Json doc = Json::parse(text.str(), path);
-  if (!doc.is_object()) throw Error(path + ": not valid JSON (expected an object)");
+  Json doc = Json::parse(read_sealed(path, "manifest.json"), path);
+  if (!doc.is_object()) throw Error(path + ": not a JSON object; re-export");
 
   require(doc, {"format", "contract_version", "model", "export", "graphs", "states", "files"},
           "manifest");

@@ -33,7 +33,14 @@ struct Manifest {
   std::map<std::string, FileEntry> files;
 };
 
-// Read and check folder/manifest.json like pipo_graphs.manifest.load_manifest: required keys,
+// The bytes of `path` (whose file name is `name`, e.g. manifest.json) once they match the
+// sha256 in its seal file (manifest.sha256, `sha256sum -c` format), as
+// pipo_graphs.manifest.read_sealed; throws pipo::Error when the seal is missing, malformed or
+// different.
+std::string read_sealed(const std::string& path, const std::string& name);
+
+// Read and check folder/manifest.json (sealed by manifest.sha256) like
+// pipo_graphs.manifest.load_manifest: required keys,
 // consts/enums, contract major version, both graphs, and (verify_files) that every listed
 // file exists with its recorded size and sha256. Throws pipo::Error.
 Manifest load_manifest(const std::string& folder, bool verify_files);
