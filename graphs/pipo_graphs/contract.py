@@ -26,6 +26,7 @@ inside a state. States (P = cached pair positions, grows by one per decode step)
 from __future__ import annotations
 
 import math
+import numbers
 
 from dataclasses import dataclass, field
 from enum import Enum
@@ -110,8 +111,13 @@ class SamplingParams:
         """Raise PipoUserError naming the bad field (NaN and infinities included)."""
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
             value = getattr(self, name)
-            if not math.isfinite(value):
-                raise PipoUserError(f"{name} must be a finite number, got {value}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value):
+                raise PipoUserError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) \
+                or not 0 <= self.top_k < 1 << 63:
+            raise PipoUserError(f"top_k must be an integer in [0, 2**63) (0 disables it), got "
+                                f"{self.top_k!r}")
         if not self.temperature >= 0:
             raise PipoUserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -328,6 +328,8 @@ def read_sealed(path: Path) -> str:
     except FileNotFoundError as exc:
         raise ManifestError(f"{exc.filename}: missing; {path.name} is only read with its "
                             f"checksum file {seal.name} beside it (re-export)") from None
+    except IsADirectoryError as exc:
+        raise ManifestError(f"{exc.filename}: is a folder, expected a file; re-export") from None
     except OSError as exc:
         raise ManifestError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
     want = line.split(b" ", 1)[0].strip().decode("ascii", "replace")
@@ -370,7 +372,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     with its recorded sha256. So any changed byte of any export file is refused."""
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"{folder}: no {MANIFEST}; not a pipo-export export folder "
                             "(make one with: pipo-export export CKPT -o OUT)")
     try:

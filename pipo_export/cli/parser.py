@@ -68,8 +68,15 @@ def sampling_from(ns: argparse.Namespace) -> SamplingParams:
                           repetition_penalty=ns.repetition_penalty)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the house error format: one line, exit 2 (argparse prints usage too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipo-export", description="Deployment compiler for PIPO (Pair-In, Pair-Out) language models")
+    parser = OneLineParser(prog="pipo-export", description="Deployment compiler for PIPO (Pair-In, Pair-Out) language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show what a PIPO checkpoint folder holds")

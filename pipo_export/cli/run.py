@@ -39,8 +39,13 @@ class RunArgs:
     threads: int = RunnerOptions.threads
 
 
+def _adapter(folder: Path) -> bool:
+    from pipo_export.model.adapters import is_adapter_folder
+    return is_adapter_folder(folder)
+
+
 def _is_export(folder: Path) -> bool:
-    return (folder / MANIFEST).is_file()
+    return (folder / MANIFEST).exists()
 
 
 def generate(args: RunArgs, backend: Backend) -> list[dict]:
@@ -86,6 +91,10 @@ def run(args: RunArgs) -> int:
         raise PipoError(f"{folder}: no such folder (give a checkpoint or an export folder)")
     if not args.ids and not args.prompts:
         raise PipoError("no prompt: pass --ids 5,17,300 or --prompt TEXT")
+    if not _is_export(folder) and not (folder / "config.json").exists() \
+            and not _adapter(folder):
+        raise PipoError(f"{folder}: neither an export folder (no {MANIFEST}) nor a checkpoint "
+                        "folder (no config.json)")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
     if not _is_export(folder) and not getattr(backend_module(backend), "RUNS_CHECKPOINTS", False):
         raise PipoError(f"{folder} has no {MANIFEST}; backend {backend.value} runs an "

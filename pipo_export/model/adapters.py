@@ -28,7 +28,8 @@ from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipo_export.errors import CheckpointError
+from pipo_export.errors import CheckpointError, PipoError
+from pipo_export.fsutil import read_json_object
 from pipo_export.model.config import PipoConfig, parse_config
 from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource, TensorSource, \
     normalize_key
@@ -54,12 +55,10 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 
 def _read_json(path: Path, missing: dict | None = None) -> dict:
     """The JSON object in `path`; `missing` (when given) if there is no such file."""
-    if missing is not None and not path.is_file():
-        return missing
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return read_json_object(path, missing)
+    except PipoError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -103,6 +102,13 @@ class AdapterConfig:
                 lora = PeftConfig.from_peft_type(**raw)
         except Exception as exc:  # peft raises ValueError/TypeError/ImportError on bad fields
             raise CheckpointError(f"{path}: peft cannot parse this LoRA config ({exc})") from None
+        for name in ("r", "lora_alpha"):
+            value = getattr(lora, name, None)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0 or (
+                    name == "r" and not isinstance(value, int)):
+                raise CheckpointError(f"{path}: {name} is {value!r}; expected a "
+                                      f"{'positive integer' if name == 'r' else 'number > 0'}")
         for name, what in UNSUPPORTED.items():
             if getattr(lora, name, None):
                 raise CheckpointError(f"{path}: {what} adapters are not supported; pipo-export "

@@ -103,7 +103,13 @@ def check_source(cfg: PipoConfig, source: TensorSource, where) -> PipoModel:
         if tuple(source.shape(name)) != expected[name]:
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(source.shape(name))}, "
                                   f"expected {expected[name]} from config.json")
+        if source.dtype(name) not in FLOAT_WEIGHTS:
+            raise CheckpointError(f"{where}: tensor {name} is stored as {source.dtype(name)}; "
+                                  f"weights are {', '.join(FLOAT_WEIGHTS)}")
     return model
+
+
+FLOAT_WEIGHTS = ("float32", "bfloat16", "float16")  # stored dtypes a PIPO weight may have
 
 
 def open_checkpoint(path: str | Path, base: str | Path | None = None

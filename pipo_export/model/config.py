@@ -2,16 +2,27 @@
 from __future__ import annotations
 
 import copy
-import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
-from pipo_export.errors import CheckpointError
+from pipo_export.errors import CheckpointError, PipoError
+from pipo_export.fsutil import read_json_object
 
 PIPO_FIELDS = ("compressor_type", "mtp_num_hidden_layers", "pad_token_id", "eos_token_id")
+# the text config's fields checked before transformers sees them (absent = its default)
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_num_key_heads", "linear_num_value_heads", "max_position_embeddings")
+POSITIVE_FLOATS = ("rms_norm_eps",)
+BOOLS = ("tie_word_embeddings", "attention_bias", "use_cache")
+OBJECTS = ("rope_parameters", "rope_scaling")
+LAYER_TYPES = ("linear_attention", "full_attention")
+MAX_DIM = 1 << 31  # a dim above this is a corrupt config, not a model
 
 
 class CompressorType(str, Enum):
@@ -55,8 +66,50 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_text_fields(f: dict, source: str) -> None:
+    """Type, range and finiteness of every text-config field PIPO relies on, and of the PIPO
+    fields (pad and eos ids inside the vocabulary); CheckpointError naming the field."""
+    def bad(name, want):
+        raise CheckpointError(f"{source}: {name} is {f[name]!r}; expected {want}")
+    for name in POSITIVE_INTS:
+        if f.get(name) is not None and not (_is_int(f[name]) and 1 <= f[name] < MAX_DIM):
+            bad(name, f"an integer in [1, {MAX_DIM})")
+    for name in POSITIVE_FLOATS:
+        v = f.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and math.isfinite(v) and v > 0):
+            bad(name, "a finite number > 0")
+    for name in BOOLS:
+        if f.get(name) is not None and not isinstance(f[name], bool):
+            bad(name, "true or false")
+    for name in OBJECTS:
+        if f.get(name) is not None and not isinstance(f[name], dict):
+            bad(name, "an object")
+    types = f.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or not all(t in LAYER_TYPES for t in types):
+            bad("layer_types", f"a list of {' / '.join(LAYER_TYPES)}")
+        if _is_int(f.get("num_hidden_layers")) and len(types) != f["num_hidden_layers"]:
+            bad("layer_types", f"{f['num_hidden_layers']} entries (num_hidden_layers)")
+    vocab = f.get("vocab_size")
+    for name in ("pad_token_id", "eos_token_id"):
+        v = f.get(name)
+        ids = v if isinstance(v, list) else [v] if v is not None else []
+        if not all(_is_int(i) and 0 <= i < (vocab or MAX_DIM) for i in ids):
+            bad(name, f"token ids in [0, {vocab}) (the vocabulary)")
+    mtp = f.get("mtp_num_hidden_layers")
+    if mtp is not None and not _is_int(mtp):
+        bad("mtp_num_hidden_layers", "1")
+
+
 def parse_config(raw: dict, source: str = "config.json") -> PipoConfig:
     """Build a PipoConfig from the dict of a config.json (either layout)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, found {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type == "qwen3_5":
         if not isinstance(raw.get("text_config"), dict):
@@ -73,6 +126,7 @@ def parse_config(raw: dict, source: str = "config.json") -> PipoConfig:
             f"{source}: model_type is {model_type!r}; a PIPO checkpoint has 'qwen3_5_text' or "
             "'qwen3_5' (with text_config)")
     text_fields["model_type"] = "qwen3_5_text"
+    check_text_fields(text_fields, source)
     pipo = {k: text_fields.pop(k, None) for k in PIPO_FIELDS}
     for drop in ("architectures", "transformers_version", "dtype", "torch_dtype"):
         text_fields.pop(drop, None)
@@ -103,18 +157,20 @@ def parse_config(raw: dict, source: str = "config.json") -> PipoConfig:
 def load_config(folder: Path) -> PipoConfig:
     """Read folder/config.json (and generation_config.json's eos ids when config has none)."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{folder}: no config.json; a PIPO checkpoint is a Hugging Face "
                               "folder with config.json and safetensors weights")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    cfg = parse_config(raw, str(path))
-    gen = Path(folder) / "generation_config.json"
-    if not cfg.eos_token_ids and gen.is_file():
-        try:
-            cfg.eos_token_ids = _as_list(json.loads(gen.read_text()).get("eos_token_id"))
-        except json.JSONDecodeError:
-            pass
+        cfg = parse_config(read_json_object(path), str(path))
+        gen = read_json_object(Path(folder) / "generation_config.json", {})
+    except PipoError as exc:
+        raise CheckpointError(str(exc)) from None
+    eos = gen.get("eos_token_id")
+    if not cfg.eos_token_ids and eos is not None:
+        eos = eos if isinstance(eos, list) else [eos]
+        if not all(_is_int(i) and 0 <= i < cfg.vocab_size for i in eos):
+            raise CheckpointError(f"{Path(folder) / 'generation_config.json'}: eos_token_id is "
+                                  f"{gen['eos_token_id']!r}; expected token ids in "
+                                  f"[0, {cfg.vocab_size}) (the vocabulary)")
+        cfg.eos_token_ids = eos
     return cfg

@@ -13,7 +13,6 @@ import datetime
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipo_graphs.manifest import Manifest, load_manifest, seal_path, sha256_file
 
 from pipo_export.tensorrt.profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)
+from pipo_export.fsutil import make_temp
 from pipo_export.versions import package_versions
 
 STAGES = 4
@@ -155,7 +155,7 @@ def build(opts: BuildOptions) -> dict:
                       f"{len(profiles)} profile(s); runtime state buffers "
                       f"{2 * state_bytes(manifest, limits, limits.max_batch) / 2**20:.1f} MiB")
     engines, timings = {}, {}
-    tmp = Path(tempfile.mkdtemp(prefix=".engines.tmp-", dir=folder))
+    tmp = make_temp(folder, "engines")
     try:
         with G_LOGGER.verbosity(G_LOGGER.INFO if opts.verbose else G_LOGGER.ERROR):
             for i, graph in enumerate((PREFILL, DECODE)):

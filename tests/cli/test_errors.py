@@ -3,6 +3,7 @@ a bug keeps its traceback."""
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -24,8 +25,19 @@ def test_full_disk_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
     assert len(err) == 1 and "No space left on device" in err[0] and "weights.data" in err[0]
 
 
+@pytest.mark.parametrize("code,fix", [(errno.EACCES, "permissions"), (errno.ENOENT, "check the path"),
+                                      (errno.ENOTDIR, "is a file"), (errno.EISDIR, "folder"),
+                                      (errno.EROFS, "read-only")])
+def test_path_os_errors_name_path_and_cause(monkeypatch, capsys, tmp_path, code, fix):
+    monkeypatch.setattr(check, "command", _raising(OSError(code, os.strerror(code),
+                                                           str(tmp_path / "x"))))
+    assert cli.main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "x") in err[0] and fix in err[0], err
+
+
 def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch, tmp_path):
-    monkeypatch.setattr(check, "command", _raising(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(check, "command", _raising(OSError(errno.EBADF, "Bad file descriptor")))
     with pytest.raises(OSError):
         cli.main(["check", str(tmp_path)])
 

@@ -200,3 +200,24 @@ def test_errors_exit_2_with_one_line(kind, ort_export, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert ERRORS[kind] in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                        ("--top-p", "nan"), ("--min-p", "-inf"),
+                                        ("--presence-penalty", "nan"),
+                                        ("--repetition-penalty", "inf"), ("--threshold", "nan"),
+                                        ("--threshold", "-inf")])
+def test_nan_and_inf_refused_like_python(flag, value, ort_export):
+    """pipo-run refuses NaN/inf in every sampling value and the threshold with the message
+    pipo_runtime gives for the same request."""
+    proc = run(PIPO_RUN, ort_export, "--ids", "5,17", "--max-steps", "2", flag, value, "--json",
+               check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    name = flag[2:].replace("-", "_")
+    config = GenerationConfig(max_steps=2, **({"threshold": float(value)} if name == "threshold"
+                                              else {"sampling": SamplingParams(
+                                                  **{name: float(value)})}))
+    from pipo_graphs.errors import PipoUserError
+    with pytest.raises(PipoUserError) as err:
+        PipoSession.load(ort_export).generate([[5, 17]], config)
+    assert proc.stderr.strip() == f"error: {err.value}"

@@ -57,6 +57,12 @@ GenerateResult Runtime::generate_batch(const std::vector<std::vector<int64_t>>& 
   int64_t steps = request_steps(options);
   validate_sampling(options.sampling);
   check_request(model, prompts, steps);
+  for (int64_t id : options.stop_token_ids) {
+    if (id < 0 || id >= model.vocab_size) {
+      throw Error("stop token ids [" + std::to_string(id) + "] are outside the vocabulary [0, " +
+                  std::to_string(model.vocab_size) + ")");
+    }
+  }
 
   std::vector<int64_t> ids, lengths;
   int64_t width = pack_prompts(prompts, model.pad_token_id, ids, lengths);

@@ -1,6 +1,8 @@
 #include "semantics.h"
 
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <sstream>
 
 namespace pipo {
@@ -33,6 +35,10 @@ int64_t pack_prompts(const std::vector<std::vector<int64_t>>& prompts, int64_t p
 }
 
 int64_t request_steps(const GenerateOptions& o) {
+  if (!std::isfinite(o.threshold)) {
+    throw Error("threshold must be a finite number, got " + fmt(o.threshold));
+  }
+  if (o.seq_offset < 0) throw Error("seq_offset must be >= 0, got " + fmt(double(o.seq_offset)));
   if (!o.max_steps && !o.max_new_tokens) throw Error("give max_steps or max_new_tokens");
   if (o.max_new_tokens && *o.max_new_tokens < 1) throw Error("max_new_tokens must be >= 1");
   if (o.max_steps && *o.max_steps < 1) throw Error("max_steps must be >= 1");
@@ -42,6 +48,12 @@ int64_t request_steps(const GenerateOptions& o) {
 }
 
 void validate_sampling(const SamplingOptions& s) {
+  const std::pair<const char*, double> values[] = {
+      {"temperature", s.temperature}, {"top_p", s.top_p}, {"min_p", s.min_p},
+      {"presence_penalty", s.presence_penalty}, {"repetition_penalty", s.repetition_penalty}};
+  for (auto& [name, v] : values) {  // NaN and infinities, as pipo_graphs.SamplingParams
+    if (!std::isfinite(v)) throw Error(std::string(name) + " must be a finite number, got " + fmt(v));
+  }
   if (!(s.temperature >= 0)) {
     throw Error("temperature must be >= 0 (0 = greedy), got " + fmt(s.temperature));
   }

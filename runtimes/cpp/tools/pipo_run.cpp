@@ -52,7 +52,9 @@ double parse_double(const std::string& text, const std::string& flag) {
 }
 
 uint64_t parse_seed(const std::string& text) {
-  if (!text.empty() && text[0] == '-') return uint64_t(parse_int(text, "--seed"));
+  if (!text.empty() && text[0] == '-') {
+    throw pipo::Error("seed must be in [0, 2**64), got " + text);
+  }
   char* end = nullptr;
   errno = 0;
   unsigned long long v = std::strtoull(text.c_str(), &end, 10);
@@ -134,7 +136,12 @@ Args parse_args(int argc, char** argv) {
     } else if (flag == "--seed") {
       a.gen.seed = parse_seed(next());
     } else if (flag == "--threads") {
-      a.runtime.intra_op_threads = int(parse_int(next(), flag));
+      int64_t threads = parse_int(next(), flag);
+      if (threads < 0 || threads > 1024) {
+        throw pipo::Error("threads must be an integer in [0, 1024] (0 = ONNX Runtime's default), "
+                          "got " + std::to_string(threads));
+      }
+      a.runtime.intra_op_threads = int(threads);
     } else if (flag == "--no-share-weights" && !has_value) {
       a.runtime.share_weights = false;
     } else if (flag == "--json" && !has_value) {

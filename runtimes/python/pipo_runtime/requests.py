@@ -29,6 +29,25 @@ class ModelFacts:
         return cls(m.pad_token_id, frozenset(m.eos_token_ids), m.vocab_size, m.max_context)
 
 
+def token_ids(prompt, what: str = "prompt") -> list[int]:
+    """A prompt given as ids (a list/tuple of ints or a 1-D integer array) -> list[int];
+    PipoUserError for anything else (floats, booleans, strings, None, nested lists)."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise PipoUserError(f"{what} must be a 1-D integer array of token ids, got "
+                                f"{prompt.ndim}-D {prompt.dtype}")
+        return [int(t) for t in prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise PipoUserError(f"{what} must be text or a list of token ids, got "
+                            f"{type(prompt).__name__}")
+    bad = [t for t in prompt if isinstance(t, (bool, np.bool_))
+           or not isinstance(t, (int, np.integer))]
+    if bad:
+        raise PipoUserError(f"{what} holds {bad[0]!r} ({type(bad[0]).__name__}); token ids are "
+                            "integers")
+    return [int(t) for t in prompt]
+
+
 def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray]:
     """SamplingParams + threshold -> the sampling graph inputs, each [batch]."""
     values = dict(vars(params), threshold=threshold)
@@ -44,8 +63,14 @@ def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: fl
             UNIFORMS: step_uniforms(seed, seqs, 0)}
 
 
-def check_request(facts: ModelFacts, prompts: list[list[int]], max_steps: int) -> None:
-    """Ids inside the vocabulary, prompt plus steps within max_context (PipoUserError)."""
+def check_request(facts: ModelFacts, prompts: list[list[int]], max_steps: int,
+                  stop_ids=()) -> None:
+    """Ids (prompt and stop ids) inside the vocabulary, prompt plus steps within max_context
+    (PipoUserError)."""
+    bad = [t for t in stop_ids if not 0 <= t < facts.vocab_size]
+    if bad:
+        raise PipoUserError(f"stop token ids {bad[:5]} are outside the vocabulary "
+                            f"[0, {facts.vocab_size})")
     for p in prompts:
         bad = [t for t in p if not 0 <= t < facts.vocab_size]
         if bad:

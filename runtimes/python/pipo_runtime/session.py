@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
@@ -28,10 +30,18 @@ from pipo_graphs.semantics import SequenceOutput
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
-from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds
+from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds, token_ids
 from pipo_runtime.text import encode, load_tokenizer
 
 DEFAULT_MAX_STEPS = 16  # steps a run takes when neither max_steps nor max_new_tokens is given
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -49,8 +59,16 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
 
     def steps(self) -> int:
-        if not math.isfinite(self.threshold):
-            raise PipoUserError(f"threshold must be a finite number, got {self.threshold}")
+        """Check the request's fields (type, range, finiteness); -> the steps it may take."""
+        if not _is_real(self.threshold) or not math.isfinite(self.threshold):
+            raise PipoUserError(f"threshold must be a finite number, got {self.threshold!r}")
+        for name in ("max_steps", "max_new_tokens", "seed", "seq_offset"):
+            value = getattr(self, name)
+            if not _is_int(value) and (value is not None or name in ("seed", "seq_offset")):
+                raise PipoUserError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 1 << 64 or not 0 <= self.seq_offset < 1 << 63:
+            raise PipoUserError(f"seed must be in [0, 2**64) and seq_offset in [0, 2**63), got "
+                                f"{self.seed} and {self.seq_offset}")
         if self.max_steps is None and self.max_new_tokens is None:
             raise PipoUserError("give max_steps or max_new_tokens")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -150,10 +168,19 @@ class PipoSession:
         return cls(folder, facts, runner, load_tokenizer(folder), manifest)
 
     def _prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
+        """One prompt (text, ids) or a batch of them (a list, or a 2-D integer array) ->
+        lists of ids; PipoUserError for anything else."""
+        if isinstance(prompts, np.ndarray):
+            prompts = [prompts] if prompts.ndim == 1 else list(prompts)
+        elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                          and not isinstance(prompts[0], (str, list, tuple,
+                                                                          np.ndarray))):
             prompts = [prompts]
-        out = [encode(self.tokenizer, p, self.folder) if isinstance(p, str) else list(p)
-               for p in prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise PipoUserError(f"prompts must be text, token ids or a list of them, got "
+                                f"{type(prompts).__name__}")
+        out = [encode(self.tokenizer, p, self.folder) if isinstance(p, str)
+               else token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         if not out or any(len(p) == 0 for p in out):
             raise PipoUserError("empty prompt: every prompt needs at least one token")
         return out
@@ -164,7 +191,7 @@ class PipoSession:
         prompts = self._prompts(prompts)
         steps = config.steps()
         config.sampling.validate()
-        check_request(self.facts, prompts, steps)
+        check_request(self.facts, prompts, steps, token_ids(config.stop_token_ids, "stop_token_ids"))
         result = GenerationResult([SequenceResult() for _ in prompts])
         return GenerationStream(self._events(prompts, config, steps, result), result)
 

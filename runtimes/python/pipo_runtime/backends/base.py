@@ -76,6 +76,12 @@ class RunnerOptions:
     base: str | None = None
     dtype: str = "float32"
 
+    def __post_init__(self):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
+                or not 0 <= self.threads <= 1024:
+            raise PipoUserError(f"threads must be an integer in [0, 1024] (0 = ONNX Runtime's "
+                                f"default), got {self.threads!r}")
+
 
 class StepRunner:
     """One backend's prefill and decode steps (see the module doc)."""
