@@ -24,7 +24,7 @@ from pipo_export import load_checkpoint
 from pipo_export.model.steps import PipoStep
 from pipo_export.model.torch_backend import TorchStepRunner
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import DECODE, PREFILL, present_to_past
+from pipo_graphs.contract import DECODE, INPUT_PAIR, PAIR, PREFILL, UNIFORMS, present_to_past
 from pipo_graphs.manifest import load_manifest
 from pipo_runtime.backends.base import RunnerOptions
 from pipo_runtime.backends.onnxruntime import OrtStepRunner, shared_sessions
@@ -47,7 +47,7 @@ def time_ort(folder: Path, prompt, steps: int, threshold: float, threads: int):
     names = [o.name for o in dec.get_outputs()]
     per_step = []
     for s in range(1, steps):
-        feeds = {"input_pair": out["pair"], **fixed, "uniforms": step_uniforms(0, [0], s),
+        feeds = {INPUT_PAIR: out[PAIR], **fixed, UNIFORMS: step_uniforms(0, [0], s),
                  **present_to_past(out)}
         t = time.perf_counter()
         out = dict(zip(names, dec.run(None, feeds)))

@@ -38,6 +38,12 @@ PREFILL = "prefill_compress"
 DECODE = "decode_unfold"
 PAST = "past."
 PRESENT = "present."
+# graph inputs besides the states and the sampling inputs
+INPUT_IDS, LENGTHS, INPUT_PAIR = "input_ids", "lengths", "input_pair"
+# the states that are not per layer (per-layer ones: state_name(kind, layer))
+MTP_KEY, MTP_VALUE = "mtp_key", "mtp_value"
+ATTENTION_MASK, POSITION, PROMPT_MASK, OUTPUT_MASK = ("attention_mask", "position",
+                                                      "prompt_mask", "output_mask")
 
 
 class Mode(str, Enum):
@@ -163,10 +169,10 @@ def state_specs(d: ModelDims, cache_dtype: str = "float32", mtp: bool = True) ->
                                 ("batch", d.linear_num_value_heads, d.linear_key_head_dim,
                                  d.linear_value_head_dim), i, "recurrent")]
     if mtp:
-        specs += [StateSpec("mtp_key", cache_dtype, kv, None, "mtp_key"),
-                  StateSpec("mtp_value", cache_dtype, kv, None, "mtp_value")]
-    specs += [StateSpec("attention_mask", "bool", ("batch", "past_pairs"), None, "attention_mask"),
-              StateSpec("position", "int64", ("batch",), None, "position"),
-              StateSpec("prompt_mask", "bool", ("batch", d.vocab_size), None, "prompt_mask"),
-              StateSpec("output_mask", "bool", ("batch", d.vocab_size), None, "output_mask")]
+        specs += [StateSpec(MTP_KEY, cache_dtype, kv, None, MTP_KEY),
+                  StateSpec(MTP_VALUE, cache_dtype, kv, None, MTP_VALUE)]
+    specs += [StateSpec(ATTENTION_MASK, "bool", ("batch", "past_pairs"), None, ATTENTION_MASK),
+              StateSpec(POSITION, "int64", ("batch",), None, POSITION),
+              StateSpec(PROMPT_MASK, "bool", ("batch", d.vocab_size), None, PROMPT_MASK),
+              StateSpec(OUTPUT_MASK, "bool", ("batch", d.vocab_size), None, OUTPUT_MASK)]
     return specs

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipo_graphs.contract import Mode
+from pipo_graphs.contract import OUTPUT_MASK, PROMPT_MASK, Mode
 from pipo_graphs.manifest import Manifest
 from pipo_graphs.shapes import state_bytes, state_nbytes
 from pipo_runtime import GenerationConfig, PipoSession
@@ -121,7 +121,7 @@ def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:
         size = state_nbytes(s, 1, past_slots)
         if s.kind in ("conv_window", "recurrent"):
             size *= 2  # read and written back
-        cache += size if s.kind not in ("prompt_mask", "output_mask") else 0
+        cache += size if s.kind not in (PROMPT_MASK, OUTPUT_MASK) else 0
     parts["caches_and_states"] = cache
     parts["total"] = sum(parts.values())
     return parts

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import CONFIDENCE, PAIR, PRESENT
+from pipo_graphs.contract import ATTENTION_MASK, CONFIDENCE, OUTPUT_MASK, PAIR, POSITION, PRESENT, \
+    PROMPT_MASK
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST
 from pipo_runtime.backends import Backend, parse_backend
@@ -19,8 +20,8 @@ from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
 
 # outputs that must match exactly: the pair and the bookkeeping states (masks, position)
-EXACT = (PAIR, *(PRESENT + name for name in ("attention_mask", "position", "prompt_mask",
-                                              "output_mask")))
+EXACT = (PAIR, *(PRESENT + name for name in (ATTENTION_MASK, POSITION, PROMPT_MASK,
+                                              OUTPUT_MASK)))
 DEFAULT_PROMPTS = ([5, 17, 300], list(range(40, 51)), list(range(7, 140)))
 DEFAULT_BACKENDS = (Backend.TORCH, Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE)  # --backends
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipo_graphs.contract import DECODE, PAIR, PREFILL, UNIFORMS, present_to_past
+from pipo_graphs.contract import (DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR, PREFILL,
+    UNIFORMS, present_to_past)
 
 PROMPT_TOKENS, STEPS = 64, 64
 TWIN_BUDGET = 8 << 30  # bytes of float32 weights the comparison may write and map
@@ -25,7 +26,7 @@ def _greedy_feeds(vocab: int, pad: int) -> tuple[dict, dict]:
                 "threshold": np.full(1, -1.0, np.float32)}
     ids = rng.integers(0, vocab - 1, (1, PROMPT_TOKENS)).astype(np.int64)
     ids[ids == pad] = 0
-    feeds = {"input_ids": ids, "lengths": np.array([PROMPT_TOKENS], np.int64), **sampling,
+    feeds = {INPUT_IDS: ids, LENGTHS: np.array([PROMPT_TOKENS], np.int64), **sampling,
              UNIFORMS: np.zeros((1, 2), np.float32)}
     return feeds, sampling
 
@@ -47,7 +48,7 @@ def compare_twins(float_sessions: dict, quant_sessions: dict, vocab: int, pad: i
         scale = max(scale, float(np.abs(f[logits_name]).max()))
         agree += (f[PAIR] == q[PAIR])[0]
         for name in runs:  # both continue from the float twin's pair
-            runs[name] = (runs[name][0], {"input_pair": f[PAIR], **present_to_past(out[name]),
+            runs[name] = (runs[name][0], {INPUT_PAIR: f[PAIR], **present_to_past(out[name]),
                                           **sampling, UNIFORMS: np.zeros((1, 2), np.float32)})
     return {"reference": "float32 twin of the same pieces", "prompt_tokens": PROMPT_TOKENS,
             "steps": STEPS, "teacher_forced": True, "max_logit_error": worst,

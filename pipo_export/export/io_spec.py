@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipo_graphs.contract import (CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS,
-                                  UNIFORMS, ModelDims, StateSpec, state_specs)
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, ModelDims,
+    PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, StateSpec, UNIFORMS, state_specs)
 from pipo_graphs.dtypes import DType
 
 from pipo_export.model.modules import PipoModel
@@ -68,13 +68,13 @@ def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
 
     prefill = GraphSpec(
         PREFILL,
-        (TensorSpec("input_ids", "int64", ("batch", "2*prompt_pairs")),
-         TensorSpec("lengths", "int64", ("batch",))) + _sampling(),
+        (TensorSpec(INPUT_IDS, "int64", ("batch", "2*prompt_pairs")),
+         TensorSpec(LENGTHS, "int64", ("batch",))) + _sampling(),
         head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs", slots))
                      for s in states))
     decode = GraphSpec(
         DECODE,
-        (TensorSpec("input_pair", "int64", ("batch", 2)),)
+        (TensorSpec(INPUT_PAIR, "int64", ("batch", 2)),)
         + tuple(TensorSpec(PAST + s.name, s.dtype, s.shape) for s in states) + _sampling(),
         head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs",
                                                                      "past_pairs + 1"))

@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipo_graphs.contract import CONFIDENCE, PAIR, PAST, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import (ATTENTION_MASK, CONFIDENCE, INPUT_IDS, INPUT_PAIR, LENGTHS,
+    MTP_KEY, MTP_VALUE, OUTPUT_MASK, PAIR, PAST, POSITION, PROMPT_MASK, SAMPLING_INPUTS,
+    UNIFORMS)
 
 from pipo_export.export.io_spec import TensorSpec
 from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, LOGITS, PipoStep, layer_decode, \
@@ -178,12 +180,12 @@ class PieceSet:
 
     def _head_state_specs(self, slots: str) -> tuple[TensorSpec, ...]:
         kv = ("batch", self.kv, slots, self.hd)
-        mtp = (TensorSpec("mtp_key", self.dt, kv), TensorSpec("mtp_value", self.dt, kv)) \
+        mtp = (TensorSpec(MTP_KEY, self.dt, kv), TensorSpec(MTP_VALUE, self.dt, kv)) \
             if self.step.mtp else ()
-        return mtp + (TensorSpec("attention_mask", "bool", ("batch", slots)),
-                      TensorSpec("position", "int64", ("batch",)),
-                      TensorSpec("prompt_mask", "bool", ("batch", self.vocab)),
-                      TensorSpec("output_mask", "bool", ("batch", self.vocab)))
+        return mtp + (TensorSpec(ATTENTION_MASK, "bool", ("batch", slots)),
+                      TensorSpec(POSITION, "int64", ("batch",)),
+                      TensorSpec(PROMPT_MASK, "bool", ("batch", self.vocab)),
+                      TensorSpec(OUTPUT_MASK, "bool", ("batch", self.vocab)))
 
     def _logits_spec(self) -> TensorSpec:
         """token1's logits: a head output the contract does not export (validation and the
@@ -203,8 +205,8 @@ class PieceSet:
                      TensorSpec("n_valid", "int64", ("batch",)),
                      TensorSpec("cos", dt, ("batch", slots, self.rot)),
                      TensorSpec("sin", dt, ("batch", slots, self.rot)))
-        prompt = (TensorSpec("input_ids", "int64", ("batch", "prompt_tokens")),
-                  TensorSpec("lengths", "int64", ("batch",)))
+        prompt = (TensorSpec(INPUT_IDS, "int64", ("batch", "prompt_tokens")),
+                  TensorSpec(LENGTHS, "int64", ("batch",)))
 
         def head(o, x, input_ids, lengths, valid, n_valid, cos, sin, *rest):
             sp = dict(zip(SAMPLING, rest[:-1]))
@@ -231,8 +233,8 @@ class PieceSet:
         step, dt, b, p = self.step, self.dt, EXAMPLE_BATCH, EXAMPLE_PAST_PAIRS
         past_specs = [s.rename(PAST + s.name) for s in self._head_state_specs("past_pairs")]
         past_in = {s.name: s for s in past_specs}
-        head_past = [s for s in past_specs if s.name not in (PAST + "attention_mask",
-                                                            PAST + "position")]
+        head_past = [s for s in past_specs if s.name not in (PAST + ATTENTION_MASK,
+                                                            PAST + POSITION)]
         names = [s.name for s in self._head_state_specs("past_pairs + 1")] + [LOGITS]
         rope_out = (TensorSpec("cos", dt, ("batch", 1, self.rot)),
                     TensorSpec("sin", dt, ("batch", 1, self.rot)))
@@ -264,12 +266,12 @@ class PieceSet:
 
         embed = Piece("decode.embed", step,
                       lambda o, pair, mask, position: o.decode_embed(pair, mask, position),
-                      (TensorSpec("input_pair", "int64", ("batch", 2)),
-                       past_in[PAST + "attention_mask"], past_in[PAST + "position"]),
+                      (TensorSpec(INPUT_PAIR, "int64", ("batch", 2)),
+                       past_in[PAST + ATTENTION_MASK], past_in[PAST + POSITION]),
                       embed_out, embed_example, _params(step, EMBED_PARAMS))
         head_piece = Piece(
             "decode.head", step, head,
-            (embed_out[0], embed_out[1], past_in[PAST + "position"]) + rope_out
+            (embed_out[0], embed_out[1], past_in[PAST + POSITION]) + rope_out
             + tuple(head_past) + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
             + self._head_state_specs("past_pairs + 1") + (self._logits_spec(),), head_example,

@@ -24,8 +24,8 @@ import onnx
 import torch
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, UNIFORMS, \
-    Mode, present_to_past, state_name
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, Mode,
+    PAIR, PAST, PREFILL, PRESENT, UNIFORMS, present_to_past, state_name)
 
 from pipo_export.errors import ExportError
 from pipo_export.export.reference import References
@@ -76,7 +76,7 @@ def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0,
     sampling = {k: np.resize(np.array(v, np.int64 if k == "top_k" else np.float32), b)
                 for k, v in table.items()}
     seqs = list(range(b))
-    feeds = {"input_ids": ids, "lengths": np.array(lengths, np.int64), **sampling,
+    feeds = {INPUT_IDS: ids, LENGTHS: np.array(lengths, np.int64), **sampling,
              UNIFORMS: step_uniforms(5, seqs, 0)}
     return feeds, sampling, lambda step: step_uniforms(5, seqs, step)
 
@@ -91,7 +91,7 @@ def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int,
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(names, step_feeds)))
         out.append({**step_feeds, **values})
-        step_feeds = {"input_pair": values[PAIR], **present_to_past(values), **sampling,
+        step_feeds = {INPUT_PAIR: values[PAIR], **present_to_past(values), **sampling,
                       UNIFORMS: uniforms(s + 1)}
     del sessions
     return out
@@ -267,7 +267,7 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
     return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
-            "lengths": list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
+            LENGTHS: list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
             "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
             "max_error": max(f.err for f in checker.findings),
             "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from pipo_graphs.contract import SKIPPED_CONFIDENCE, Mode
+from pipo_graphs.contract import (ATTENTION_MASK, Mode, OUTPUT_MASK, POSITION, PROMPT_MASK,
+    SKIPPED_CONFIDENCE)
 
 from pipo_export.model.layers import rope
 from pipo_export.model.sampling import add_tokens, sample
@@ -49,8 +50,8 @@ class RegularStep(PipoStep):
         output_mask = torch.zeros_like(prompt_mask)
         logits = self.model.lm_head(take(hidden, lengths - 1))
         token = sample(logits, sp, prompt_mask, output_mask, uniforms[:, 0], self.sample_cap)
-        states = {"attention_mask": valid, "position": n_valid, "prompt_mask": prompt_mask,
-                  "output_mask": add_tokens(output_mask, token[:, None], self.pad_id),
+        states = {ATTENTION_MASK: valid, POSITION: n_valid, PROMPT_MASK: prompt_mask,
+                  OUTPUT_MASK: add_tokens(output_mask, token[:, None], self.pad_id),
                   LOGITS: logits.float()}
         return (*self._emit(token), states)
 
@@ -68,11 +69,11 @@ class RegularStep(PipoStep):
         """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states (one more slot)."""
         hidden = self.model.model.norm(hidden)
         logits = self.model.lm_head(hidden[:, 0])
-        token = sample(logits, sp, past["prompt_mask"], past["output_mask"], uniforms[:, 0],
+        token = sample(logits, sp, past[PROMPT_MASK], past[OUTPUT_MASK], uniforms[:, 0],
                        self.sample_cap)
-        states = {"attention_mask": mask, "position": position + 1,
-                  "prompt_mask": past["prompt_mask"].clone(),
-                  "output_mask": add_tokens(past["output_mask"], token[:, None], self.pad_id),
+        states = {ATTENTION_MASK: mask, POSITION: position + 1,
+                  PROMPT_MASK: past[PROMPT_MASK].clone(),
+                  OUTPUT_MASK: add_tokens(past[OUTPUT_MASK], token[:, None], self.pad_id),
                   LOGITS: logits.float()}
         return (*self._emit(token), states)
 

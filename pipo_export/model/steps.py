@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipo_graphs.contract import DEFAULT_SAMPLE_CAP, SKIPPED_CONFIDENCE, state_name
+from pipo_graphs.contract import (ATTENTION_MASK, DEFAULT_SAMPLE_CAP, MTP_KEY, MTP_VALUE,
+    OUTPUT_MASK, POSITION, PROMPT_MASK, SKIPPED_CONFIDENCE, state_name)
 
 from pipo_export.model.layers import Kernels, attention, gdn_decode, gdn_prefill, mlp_block, rope
 from pipo_export.model.modules import PipoModel
@@ -107,9 +108,9 @@ class PipoStep(nn.Module):
         token2, conf, mtp_key, mtp_value = self._second_token(
             mtp_tokens, hidden, last, (cos, sin), valid, (), sp, prompt_mask, output_mask,
             uniforms[:, 1])
-        states = {"mtp_key": mtp_key, "mtp_value": mtp_value, "attention_mask": valid,
-                  "position": n_valid, "prompt_mask": prompt_mask,
-                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id),
+        states = {MTP_KEY: mtp_key, MTP_VALUE: mtp_value, ATTENTION_MASK: valid,
+                  POSITION: n_valid, PROMPT_MASK: prompt_mask,
+                  OUTPUT_MASK: add_tokens(output_mask, token2[:, None], self.pad_id),
                   LOGITS: logits.float()}
         return torch.stack([token1, token2], dim=1), conf, states
 
@@ -128,17 +129,17 @@ class PipoStep(nn.Module):
         """hidden [B, 1, H] and the embed outputs, past: mtp_key/mtp_value [B, Hkv, P, D],
         prompt_mask/output_mask [B, V] -> pair [B, 2], confidence [B], head states."""
         hidden = self.model.model.norm(hidden)
-        prompt_mask = past["prompt_mask"]
+        prompt_mask = past[PROMPT_MASK]
         logits = self.model.lm_head(hidden[:, 0])
-        token1 = sample(logits, sp, prompt_mask, past["output_mask"], uniforms[:, 0],
+        token1 = sample(logits, sp, prompt_mask, past[OUTPUT_MASK], uniforms[:, 0],
                         self.sample_cap)
-        output_mask = add_tokens(past["output_mask"], token1[:, None], self.pad_id)
+        output_mask = add_tokens(past[OUTPUT_MASK], token1[:, None], self.pad_id)
         token2, conf, mtp_key, mtp_value = self._second_token(
             token1[:, None], hidden, torch.zeros_like(position), (cos, sin), mask,
-            (past["mtp_key"], past["mtp_value"]), sp, prompt_mask, output_mask, uniforms[:, 1])
-        states = {"mtp_key": mtp_key, "mtp_value": mtp_value, "attention_mask": mask,
-                  "position": position + 1, "prompt_mask": prompt_mask.clone(),
-                  "output_mask": add_tokens(output_mask, token2[:, None], self.pad_id),
+            (past[MTP_KEY], past[MTP_VALUE]), sp, prompt_mask, output_mask, uniforms[:, 1])
+        states = {MTP_KEY: mtp_key, MTP_VALUE: mtp_value, ATTENTION_MASK: mask,
+                  POSITION: position + 1, PROMPT_MASK: prompt_mask.clone(),
+                  OUTPUT_MASK: add_tokens(output_mask, token2[:, None], self.pad_id),
                   LOGITS: logits.float()}
         return torch.stack([token1, token2], dim=1), conf, states
 
@@ -207,13 +208,13 @@ class PipoStep(nn.Module):
     def decode(self, input_pair, past: States, sp: dict[str, torch.Tensor], uniforms):
         """input_pair [B, 2] (the pair emitted last), past states, sp [B], uniforms [B, 2]
         -> pair [B, 2], confidence [B], states."""
-        x, mask, cos, sin = self.decode_embed(input_pair, past["attention_mask"], past["position"])
+        x, mask, cos, sin = self.decode_embed(input_pair, past[ATTENTION_MASK], past[POSITION])
         states: States = {}
         for i, layer in enumerate(self.layers):
             mine = {kind: past[state_name(kind, i)] for kind in LAYER_STATES[layer.block_type]}
             x, st = layer_decode(layer, x, mask, cos, sin, mine, self.kernels)
             states.update({state_name(kind, i): v for kind, v in st.items()})
-        pair, conf, head = self.decode_head(x, mask, past["position"], cos, sin, past, sp, uniforms)
+        pair, conf, head = self.decode_head(x, mask, past[POSITION], cos, sin, past, sp, uniforms)
         head.pop(LOGITS)
         return pair, conf, {**states, **head}
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipo_graphs.contract import CONFIDENCE, PAIR, PRESENT, SAMPLING_INPUTS, UNIFORMS, Mode
+from pipo_graphs.contract import (CONFIDENCE, INPUT_IDS, LENGTHS, Mode, PAIR, PRESENT,
+    SAMPLING_INPUTS, UNIFORMS)
 from pipo_graphs.errors import PipoUserError
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
@@ -51,8 +52,8 @@ class TorchStepRunner(StepRunner):
     def prefill(self, feeds):
         self.sp = {n: self._t(feeds[n]) for n, _ in SAMPLING_INPUTS}
         with torch.no_grad():
-            return self._keep(*self.step.prefill(self._t(feeds["input_ids"]),
-                                                 self._t(feeds["lengths"]), self.sp,
+            return self._keep(*self.step.prefill(self._t(feeds[INPUT_IDS]),
+                                                 self._t(feeds[LENGTHS]), self.sp,
                                                  self._t(feeds[UNIFORMS])))
 
     def decode(self, uniforms):

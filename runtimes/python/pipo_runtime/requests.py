@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import INPUT_IDS, LENGTHS, SAMPLING_INPUTS, UNIFORMS
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest
 from pipo_graphs.semantics import pack_prompts
@@ -59,7 +59,7 @@ def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: fl
     """The prefill graph's inputs for a batch: input_ids [B, T even] (PAD-padded), lengths [B],
     sampling inputs [B] and step-0 uniforms [B, 2] of sequences `seqs`."""
     ids, lengths = pack_prompts(prompts, pad_id)
-    return {"input_ids": ids, "lengths": lengths, **sampling_feeds(sampling, threshold, len(ids)),
+    return {INPUT_IDS: ids, LENGTHS: lengths, **sampling_feeds(sampling, threshold, len(ids)),
             UNIFORMS: step_uniforms(seed, seqs, 0)}
 
 

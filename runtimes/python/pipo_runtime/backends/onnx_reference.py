@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, \
-    present_to_past
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, PAIR, PREFILL,
+    SAMPLING_INPUTS, UNIFORMS, present_to_past)
 from pipo_graphs.errors import PipoUserError
 
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
@@ -76,7 +76,7 @@ class OnnxReferenceStepRunner(StepRunner):
         return self.last[PAIR], self.last[CONFIDENCE]
 
     def decode(self, uniforms):
-        self.last = self.dec.run({"input_pair": self.last[PAIR], **present_to_past(self.last),
+        self.last = self.dec.run({INPUT_PAIR: self.last[PAIR], **present_to_past(self.last),
                                   **self.fixed, UNIFORMS: uniforms})
         return self.last[PAIR], self.last[CONFIDENCE]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, \
-    present_to_past
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR,
+    PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
 from pipo_graphs.dtypes import ONNX_CODES, ONNX_NAMES, numpy_dtype
 from pipo_graphs.errors import PipoUserError
 
@@ -246,13 +246,13 @@ class OrtStepRunner(StepRunner):
     def prefill(self, feeds):
         self.fixed = {n: self._value(feeds[n]) for n, _ in SAMPLING_INPUTS}
         self.uniforms = self._value(feeds[UNIFORMS])
-        inputs = {"input_ids": self._value(feeds["input_ids"]),
-                  "lengths": self._value(feeds["lengths"]), **self.fixed, UNIFORMS: self.uniforms}
+        inputs = {INPUT_IDS: self._value(feeds[INPUT_IDS]),
+                  LENGTHS: self._value(feeds[LENGTHS]), **self.fixed, UNIFORMS: self.uniforms}
         return self._run(self.pre, inputs)
 
     def decode(self, uniforms):
         self.uniforms.update_inplace(np.ascontiguousarray(uniforms, dtype=np.float32))
-        inputs = {"input_pair": self.values[PAIR], **present_to_past(self.values), **self.fixed,
+        inputs = {INPUT_PAIR: self.values[PAIR], **present_to_past(self.values), **self.fixed,
                   UNIFORMS: self.uniforms}
         return self._run(self.dec, inputs)
 

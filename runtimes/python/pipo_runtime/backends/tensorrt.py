@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import CONFIDENCE, DECODE, PAIR, PAST, PREFILL, PRESENT, \
-    SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR,
+    PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS)
 from pipo_graphs.dtypes import ITEMSIZE, numpy_dtype
 from pipo_graphs.engine_manifest import GpuInfo, check_compatibility, engine_profiles, \
     load_engine_manifest, prompt_slots, select_profile
@@ -291,7 +291,7 @@ class TensorRTStepRunner(StepRunner):
     def prefill(self, feeds: dict[str, np.ndarray]):
         """feeds: input_ids [B, T] (T even), lengths [B], sampling inputs [B], uniforms [B, 2]
         -> pair [B, 2] int64, confidence [B] float32 (host)."""
-        batch, tokens = feeds["input_ids"].shape
+        batch, tokens = feeds[INPUT_IDS].shape
         if batch > self.max_batch:
             raise PipoUserError(f"batch of {batch} prompts; the engines were built for at most "
                                 f"{self.max_batch} (pipo-export build --max-batch)")
@@ -302,8 +302,8 @@ class TensorRTStepRunner(StepRunner):
         self.batch = batch
         self._allocate_generation()
         self.fixed = {n: self._upload(n, feeds[n]) for n, _ in SAMPLING_INPUTS}
-        inputs = {"input_ids": self._upload("input_ids", feeds["input_ids"]),
-                  "lengths": self._upload("lengths", feeds["lengths"]), **self.fixed,
+        inputs = {INPUT_IDS: self._upload(INPUT_IDS, feeds[INPUT_IDS]),
+                  LENGTHS: self._upload(LENGTHS, feeds[LENGTHS]), **self.fixed,
                   UNIFORMS: self._upload(UNIFORMS, feeds[UNIFORMS])}
         self._run(PREFILL, inputs, self._outputs(0, slots), tokens)
         self.step, self.slots = 0, slots
@@ -317,7 +317,7 @@ class TensorRTStepRunner(StepRunner):
             raise PipoUserError(f"the generation exceeds the engines' max_context "
                                 f"{self.max_context} tokens (pipo-export build --max-context)")
         prev, cur = self.step % 2, (self.step + 1) % 2
-        inputs = {"input_pair": (self.buffers[(PAIR, prev)].ptr, (self.batch, 2))}
+        inputs = {INPUT_PAIR: (self.buffers[(PAIR, prev)].ptr, (self.batch, 2))}
         for s in self.states:
             inputs[PAST + s.name] = (self.buffers[(s.name, prev)].ptr,
                                      self._state_shape(s, self.slots))
