@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipo_graphs import SamplingParams
 from pipo_graphs.contract import (DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR, PREFILL,
     UNIFORMS, present_to_past)
+from pipo_runtime.requests import sampling_feeds
 
 PROMPT_TOKENS, STEPS = 64, 64
 TWIN_BUDGET = 8 << 30  # bytes of float32 weights the comparison may write and map
@@ -19,11 +21,7 @@ TWIN_BUDGET = 8 << 30  # bytes of float32 weights the comparison may write and m
 
 def _greedy_feeds(vocab: int, pad: int) -> tuple[dict, dict]:
     rng = np.random.default_rng(64)
-    sampling = {"temperature": np.zeros(1, np.float32), "top_k": np.zeros(1, np.int64),
-                "top_p": np.ones(1, np.float32), "min_p": np.zeros(1, np.float32),
-                "presence_penalty": np.zeros(1, np.float32),
-                "repetition_penalty": np.ones(1, np.float32),
-                "threshold": np.full(1, -1.0, np.float32)}
+    sampling = sampling_feeds(SamplingParams(), -1.0, 1)  # greedy, every token2 kept
     ids = rng.integers(0, vocab - 1, (1, PROMPT_TOKENS)).astype(np.int64)
     ids[ids == pad] = 0
     feeds = {INPUT_IDS: ids, LENGTHS: np.array([PROMPT_TOKENS], np.int64), **sampling,

@@ -24,6 +24,9 @@ from pipo_graphs.contract import (ATTENTION_MASK, CONFIDENCE, INPUT_IDS, INPUT_P
     MTP_KEY, MTP_VALUE, OUTPUT_MASK, PAIR, PAST, POSITION, PROMPT_MASK, SAMPLING_INPUTS,
     UNIFORMS)
 
+from pipo_graphs import SamplingParams
+from pipo_runtime.requests import sampling_feeds
+
 from pipo_export.export.io_spec import TensorSpec
 from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, LOGITS, PipoStep, layer_decode, \
     layer_prefill
@@ -121,9 +124,8 @@ class PieceSet:
         return mask
 
     def _sampling(self, b: int) -> list[torch.Tensor]:
-        vals = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.0,
-                "presence_penalty": 0.5, "repetition_penalty": 1.1, "threshold": 0.5}
-        out = [torch.full((b,), vals[n], dtype=getattr(torch, dt)) for n, dt in SAMPLING_INPUTS]
+        feeds = sampling_feeds(SamplingParams(0.8, 5, 0.9, 0.0, 0.5, 1.1), 0.5, b)
+        out = [torch.from_numpy(feeds[n]) for n, _ in SAMPLING_INPUTS]
         return out + [torch.rand(b, 2, generator=self.gen)]
 
     def state_spec(self, layer, kind: str, slots: str = "past_pairs") -> TensorSpec:

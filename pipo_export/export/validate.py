@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 import torch
 
-from pipo_graphs import step_uniforms
+from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, Mode,
     PAIR, PAST, PREFILL, PRESENT, UNIFORMS, present_to_past, state_name)
+from pipo_runtime.requests import sampling_rows
 
 from pipo_export.errors import ExportError
 from pipo_export.export.reference import References
@@ -40,7 +41,7 @@ NOISE_FACTOR = 10.0
 # same dequantized weights, so a wrong or misplaced weight shows; what the fast kernel's int8
 # activations (accuracy_level 4) cost is measured separately (pipo_export.export.accuracy).
 FLOOR = {"float32": 2e-5, "float16": 5e-3}
-LENGTHS = (11, 2, 261)
+VALIDATION_LENGTHS = (11, 2, 261)
 DECODE_STEPS = 2
 
 
@@ -58,7 +59,7 @@ class Finding:
         return self.err <= self.limit
 
 
-def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0,
+def validation_feeds(vocab: int, pad: int, lengths=VALIDATION_LENGTHS, seed: int = 0,
                      open_top_k: bool = True):
     """Mixed-length batch -> (prefill feeds, sampling feeds, uniforms(step)): a greedy row, a
     top-k 20 row and (open_top_k) a row sampling from all of the sampler's candidates, else
@@ -68,13 +69,11 @@ def validation_feeds(vocab: int, pad: int, lengths=LENGTHS, seed: int = 0,
     ids = np.full((len(lengths), max(lengths) + max(lengths) % 2), pad, np.int64)
     for r, n in enumerate(lengths):
         ids[r, :n] = rng.integers(0, vocab - 1, n)
-    table = {"temperature": [0.0, 0.9, 1.2], "top_k": [0, 20, 0 if open_top_k else 40],
-             "top_p": [1.0, 0.95, 0.8],
-             "min_p": [0.0, 0.0, 0.05], "presence_penalty": [0.0, 1.5, 0.5],
-             "repetition_penalty": [1.0, 1.0, 1.2], "threshold": [-1.0, 0.5, 0.2]}
+    rows = [(SamplingParams(), -1.0),
+            (SamplingParams(0.9, 20, 0.95, 0.0, 1.5, 1.0), 0.5),
+            (SamplingParams(1.2, 0 if open_top_k else 40, 0.8, 0.05, 0.5, 1.2), 0.2)]
     b = len(lengths)
-    sampling = {k: np.resize(np.array(v, np.int64 if k == "top_k" else np.float32), b)
-                for k, v in table.items()}
+    sampling = sampling_rows([rows[r % len(rows)] for r in range(b)])
     seqs = list(range(b))
     feeds = {INPUT_IDS: ids, LENGTHS: np.array(lengths, np.int64), **sampling,
              UNIFORMS: step_uniforms(5, seqs, 0)}
@@ -267,7 +266,7 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
     return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
-            LENGTHS: list(LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
+            "lengths": list(VALIDATION_LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
             "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
             "max_error": max(f.err for f in checker.findings),
             "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,

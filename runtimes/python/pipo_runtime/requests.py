@@ -48,10 +48,16 @@ def token_ids(prompt, what: str = "prompt") -> list[int]:
     return [int(t) for t in prompt]
 
 
+def sampling_rows(rows) -> dict[str, np.ndarray]:
+    """[(SamplingParams, threshold)] one per batch row -> the sampling graph inputs, each [B]
+    (the one builder of them: runtimes, export validation, accuracy and tracing examples)."""
+    values = [dict(vars(params), threshold=threshold) for params, threshold in rows]
+    return {n: np.array([v[n] for v in values], dtype=dt) for n, dt in SAMPLING_INPUTS}
+
+
 def sampling_feeds(params, threshold: float, batch: int) -> dict[str, np.ndarray]:
     """SamplingParams + threshold -> the sampling graph inputs, each [batch]."""
-    values = dict(vars(params), threshold=threshold)
-    return {n: np.full((batch,), values[n], dtype=dt) for n, dt in SAMPLING_INPUTS}
+    return sampling_rows([(params, threshold)] * batch)
 
 
 def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: float, seed: int,
