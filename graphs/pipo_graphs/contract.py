@@ -60,6 +60,18 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+@dataclass(frozen=True)
+class TargetCaps:
+    """What an export target's graphs may hold (read by the exporter and by torch-free `check`)."""
+
+    quantized_weights: bool  # MatMulNBits / GatherBlockQuantized (ONNX Runtime kernels)
+    standard_ops_only: bool  # no contrib ops; the graphs must pass TensorRT's parser table
+
+
+TARGET_CAPS = {Target.ONNXRUNTIME: TargetCaps(quantized_weights=True, standard_ops_only=False),
+               Target.TENSORRT: TargetCaps(quantized_weights=False, standard_ops_only=True)}
+
+
 def state_name(kind: str, layer: int | None = None) -> str:
     """A state's name: "<kind>.<layer>" for per-layer states (key, value, conv, recurrent),
     the kind itself for the others (mtp_key, attention_mask, position, ...)."""

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
-    PRESENT, Mode, Target, state_name
+    PRESENT, TARGET_CAPS, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, file_entries, write_sealed
 from pipo_runtime.text import TOKENIZER_FILES
@@ -75,10 +75,11 @@ def check_options(opts: ExportOptions) -> None:
                           "--dtype float16 (GPU targets, half the weight bytes) or float32")
     weights = WeightFormat(opts.weights)
     if weights != WeightFormat.FLOAT:
-        if opts.target != Target.ONNXRUNTIME or opts.dtype != DType.FLOAT32:
-            raise ExportError(f"--weights {weights.value} needs --target onnxruntime --dtype "
-                              "float32 (MatMulNBits is an ONNX Runtime kernel; activations stay "
-                              "float32)")
+        if not TARGET_CAPS[Target(opts.target)].quantized_weights or opts.dtype != DType.FLOAT32:
+            able = [t.value for t, caps in TARGET_CAPS.items() if caps.quantized_weights]
+            raise ExportError(f"--weights {weights.value} needs --target {'|'.join(able)} "
+                              "--dtype float32 (MatMulNBits is an ONNX Runtime kernel; "
+                              "activations stay float32)")
         if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
             raise ExportError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
         if opts.accuracy_level not in (0, 1, 2, 3, 4):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from pipo_graphs.contract import DECODE, PAST, PREFILL, Mode, Target, state_specs
+from pipo_graphs.contract import DECODE, PAST, PREFILL, TARGET_CAPS, Mode, state_specs
 from pipo_graphs.manifest import Manifest, ManifestError, load_manifest
 
 from pipo_export.onnx.graph import op_types, symbolic_dims, weight_refs
@@ -79,7 +79,7 @@ def check_export(folder: str | Path) -> CheckReport:
     report.add("weights stored once, in one file shared by both graphs",
                files == {weights_file} and stored <= size,
                f"{len(set(refs))} tensors, {stored:,} bytes referenced, file {size:,} bytes")
-    if manifest.export.target == Target.TENSORRT:
+    if TARGET_CAPS[manifest.export.target].standard_ops_only:
         from pipo_export.onnx.trt_support import MAX_OPSET, lint_model
         for path in paths.values():
             issues = lint_model(onnx.load(str(path), load_external_data=False))

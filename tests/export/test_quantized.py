@@ -1,0 +1,111 @@
+"""`export --weights int8|int4`: MatMulNBits graphs that run, the accuracy record in the
+manifest, and exactly the tokens of an independent computation: the torch model with every
+quantized weight replaced by its dequantized value (ONNX Runtime's quantizer, our inverse
+checked against the kernel), run by the torch reference decoder."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from pipo_graphs.contract import TARGET_CAPS
+from pipo_runtime import GenerationConfig, PipoSession
+
+from conftest import TINY_REF, export_folder, run_cli
+
+PROMPTS = [[5, 9, 13], list(range(100, 171))]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "trace-cache"
+    root = tmp_path_factory.mktemp("quantized")
+    # int4 with float activations (accuracy_level 0): the kernel then computes x @ dequant(W)
+    # to float32 rounding, so the tokens can be compared exactly; int8 with the default level
+    return {"int8": export_folder(root / "int8", TINY_REF, cache, weights="int8"),
+            "int4": export_folder(root / "int4", TINY_REF, cache, weights="int4",
+                                  accuracy_level=0)}
+
+
+def _op_types(path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    ops = set()
+
+    def walk(graph):
+        for node in graph.node:
+            ops.add(node.op_type)
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+    walk(model.graph)
+    return ops
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_manifest_records_what_and_how_accurate(quantized, bits):
+    manifest = json.loads((quantized[bits] / "manifest.json").read_text())
+    w = manifest["weights"]
+    assert w["format"] == bits and w["bits"] == int(bits[3:]) and w["block_size"] == 32
+    assert w["accuracy_level"] == (4 if bits == "int8" else 0)
+    assert "model.layers.0.mlp.down_proj.weight" in w["quantized"]
+    assert all("norm" not in name for name in w["quantized"])  # norms and biases stay float
+    acc = w["accuracy"]
+    assert acc["measured"] and acc["steps"] == 64 and acc["teacher_forced"]
+    assert 0 <= acc["token1_agreement"] <= 1 and acc["max_logit_error"] >= 0
+    for graph in ("prefill_compress.onnx", "decode_unfold.onnx"):
+        assert "MatMulNBits" in _op_types(quantized[bits] / graph)
+
+
+def _fake_quantized(names: list[str], spec):
+    """The tiny checkpoint in torch with each quantized weight W [out, in] replaced by
+    dequantize(quantize(W^T))^T; the tied table only on the lm_head side (the export's gather
+    stays exact)."""
+    import torch
+    from pipo_export import load_checkpoint
+    model = load_checkpoint(TINY_REF)
+
+    def fq(w):
+        k = w.shape[1]
+        return torch.from_numpy(spec.dequantize(*spec.quantize(w.detach().T.numpy()), k).T.copy())
+    with torch.no_grad():
+        for name in names:
+            if name == "model.embed_tokens.weight":
+                model.lm_head.weight = torch.nn.Parameter(fq(model.lm_head.weight))
+            else:
+                model.get_parameter(name).copy_(fq(model.get_parameter(name)))
+    return model
+
+
+def test_int4_tokens_equal_dequantized_torch(quantized):
+    """Greedy and sampled pairs of the int4 export equal the torch reference on the dequantized
+    weights exactly; confidences within 1e-4 (float32 summation order)."""
+    from pipo_export.export.quantize import QuantSpec
+    from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
+    from pipo_graphs import SamplingParams
+    w = json.loads((quantized["int4"] / "manifest.json").read_text())["weights"]
+    model = _fake_quantized(w["quantized"], QuantSpec(4, w["block_size"], 0))
+    session = PipoSession.load(quantized["int4"])
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.95, top_k=20)):
+        want = ReferenceDecoder(model).generate(PROMPTS, GenerateOptions(
+            max_steps=12, threshold=0.5, sampling=sampling, seed=3))
+        got = session.generate(PROMPTS, GenerationConfig(max_steps=12, threshold=0.5,
+                                                         sampling=sampling, seed=3)).sequences
+        for a, b in zip(want, got):
+            assert a.pairs == b.pairs
+            assert max(abs(x - y) for x, y in zip(a.confidence, b.confidence)) < 1e-4
+
+
+def test_int8_runs_and_checks(quantized):
+    got = PipoSession.load(quantized["int8"]).generate(PROMPTS, GenerationConfig(max_steps=6))
+    assert all(len(s.pairs) == 6 for s in got.sequences)
+    assert "export OK" in run_cli("check", str(quantized["int8"])).stdout
+
+
+def test_quantized_weights_need_a_capable_target(tmp_path):
+    refused = [t.value for t, caps in TARGET_CAPS.items() if not caps.quantized_weights]
+    assert refused == ["tensorrt"]
+    proc = run_cli("export", str(TINY_REF), "-o", str(tmp_path / "out"), "--target", "tensorrt",
+                   "--weights", "int4", check=False)
+    assert proc.returncode == 2 and "needs --target onnxruntime" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
