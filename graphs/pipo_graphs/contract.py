@@ -66,10 +66,13 @@ class TargetCaps:
 
     quantized_weights: bool  # MatMulNBits / GatherBlockQuantized (ONNX Runtime kernels)
     standard_ops_only: bool  # no contrib ops; the graphs must pass TensorRT's parser table
+    half_cast_per_use: bool  # float16 weights are cast to float32 at each use (ORT CPU GEMMs)
 
 
-TARGET_CAPS = {Target.ONNXRUNTIME: TargetCaps(quantized_weights=True, standard_ops_only=False),
-               Target.TENSORRT: TargetCaps(quantized_weights=False, standard_ops_only=True)}
+TARGET_CAPS = {Target.ONNXRUNTIME: TargetCaps(quantized_weights=True, standard_ops_only=False,
+                                              half_cast_per_use=True),
+               Target.TENSORRT: TargetCaps(quantized_weights=False, standard_ops_only=True,
+                                           half_cast_per_use=False)}
 
 
 def state_name(kind: str, layer: int | None = None) -> str:

@@ -92,7 +92,7 @@ class Traced:
 
     def __init__(self, pieces: PieceSet, lowering: Lowering, opts: ExportOptions,
                  dtype: torch.dtype, text_config: dict):
-        self.pieces = pieces
+        self.pieces, self.caps = pieces, TARGET_CAPS[Target(opts.target)]
         todo = {PREFILL: pieces.prefill_pieces(), DECODE: pieces.decode_pieces()}
         self.layers = {t: pieces.layer_pieces(layer) for t, layer in pieces.layer_types().items()}
         flat = [*todo[PREFILL], *todo[DECODE], *[p for pair in self.layers.values() for p in pair]]
@@ -179,7 +179,8 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
         extra.append(TensorSpec(f"{CHECK}head/{LOGITS}", logits.dtype, logits.shape))
         asm.alias(LOGITS, extra[-1].name)
     model = asm.model(tuple(extra))
-    split_wide_gemms(model)  # float16 only: ORT CPU casts those per use, keep each cast small
+    if traced.caps.half_cast_per_use:  # ORT CPU casts float16 weights per use: keep casts small
+        split_wide_gemms(model)
     return model
 
 

@@ -61,13 +61,20 @@ def op_types(path: Path) -> set[str]:
 WIDE_GEMM_BYTES = 256 << 20
 
 
+def _row_parts(rows: int, need: int, most: int = 64) -> int:
+    """The smallest number of equal row slices >= need that divides rows (0: none up to most)."""
+    return next((p for p in range(max(need, 2), most + 1) if rows % p == 0), 0)
+
+
 def split_wide_gemms(model: onnx.ModelProto, max_bytes: int = WIDE_GEMM_BYTES) -> int:
     """Rewrite every `Gemm(A [B, H], W [V, H], transB=1)` (no bias) whose float16 weight W would
-    exceed `max_bytes` as float32 into N row slices of W, one Gemm each, and a Concat on the
-    last axis: the same numbers (each output column is the same dot product), but ONNX Runtime
-    CPU, which casts float16 weights to float32 per use, then holds one slice's cast at a time
-    instead of a whole tied embedding's (2.5 GB for Qwen3.5-4B). Subgraphs included. Returns
-    the number of Gemms split."""
+    exceed `max_bytes` as float32 into a Scan over N equal row slices of W (one Gemm per slice,
+    outputs stacked and reshaped to [B, V]): the same numbers (each output column is the same
+    dot product), but ONNX Runtime CPU, which casts float16 weights to float32 per use, then
+    casts one slice per iteration instead of a whole tied embedding (2.5 GB for Qwen3.5-4B).
+    A Scan, not Slice nodes: ORT hoists the cast above a Slice (a precision-free op) and casts
+    the whole table anyway. V must split into equal parts (up to 64). Subgraphs included.
+    Returns the number of Gemms split."""
     from onnx import helper
     weights = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer
                if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
@@ -83,26 +90,30 @@ def split_wide_gemms(model: onnx.ModelProto, max_bytes: int = WIDE_GEMM_BYTES) -
                 nodes.append(node)
                 continue
             rows, cols = w.dims
-            parts = -(-rows * cols * 4 // max_bytes)
+            need = -(-rows * cols * 4 // max_bytes)
+            parts = _row_parts(rows, need) if need > 1 else 0
             if parts < 2:
                 nodes.append(node)
                 continue
-            step = -(-rows // parts)
             base = f"{node.name or node.output[0]}/split"
-            pieces = []
-            for i, start in enumerate(range(0, rows, step)):
-                consts = {k: f"{base}.{i}.{k}" for k in ("starts", "ends", "axes")}
-                for k, v in (("starts", start), ("ends", min(start + step, rows)), ("axes", 0)):
-                    nodes.append(helper.make_node("Constant", [], [consts[k]], value=helper.
-                                                  make_tensor(consts[k], TensorProto.INT64, [1],
-                                                              [v])))
-                rows_i = f"{base}.{i}.w"
-                nodes.append(helper.make_node("Slice", [w.name, consts["starts"], consts["ends"],
-                                                        consts["axes"]], [rows_i]))
-                pieces.append(f"{base}.{i}.y")
-                nodes.append(helper.make_node("Gemm", [node.input[0], rows_i], [pieces[-1]],
-                                              transB=1))
-            nodes.append(helper.make_node("Concat", pieces, list(node.output), axis=-1))
+            names = {k: f"{base}.{k}" for k in ("shape", "slices", "stacked", "out_shape",
+                                                "w", "y")}
+            body = helper.make_graph(
+                [helper.make_node("Gemm", [node.input[0], names["w"]], [names["y"]], transB=1)],
+                f"{base}.body",
+                [helper.make_tensor_value_info(names["w"], TensorProto.FLOAT16,
+                                               [rows // parts, cols])],
+                [helper.make_tensor_value_info(names["y"], TensorProto.FLOAT16, None)])
+            for k, v in (("shape", [parts, rows // parts, cols]), ("out_shape", [0, -1])):
+                nodes.append(helper.make_node("Constant", [], [names[k]], value=helper.
+                                              make_tensor(names[k], TensorProto.INT64, [len(v)],
+                                                          v)))
+            nodes += [helper.make_node("Reshape", [w.name, names["shape"]], [names["slices"]]),
+                      # y [B, parts, rows/parts]: slice i's product stacked on axis 1
+                      helper.make_node("Scan", [names["slices"]], [names["stacked"]], body=body,
+                                       num_scan_inputs=1, scan_output_axes=[1]),
+                      helper.make_node("Reshape", [names["stacked"], names["out_shape"]],
+                                       list(node.output))]
             split += 1
         del graph.node[:]
         graph.node.extend(nodes)
