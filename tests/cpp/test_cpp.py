@@ -161,6 +161,10 @@ def _broken(kind: str, ort_export: Path, tmp_path: Path) -> list:
         write_sealed(folder / "manifest.json", "{\"format\": ")
     elif kind == "contract":
         _manifest_edit(folder, lambda m: m.update(contract_version="2.0"))
+    elif kind == "pad outside":
+        _manifest_edit(folder, lambda m: m["model"].update(pad_token_id=512))
+    elif kind == "vocab 0":
+        _manifest_edit(folder, lambda m: m["model"].update(vocab_size=0))
     elif kind == "checksum":
         data = bytearray((folder / "weights.data").read_bytes())
         data[100] ^= 1
@@ -183,6 +187,8 @@ ERRORS = {
     "no manifest": "no manifest.json; not a pipo-export export folder",
     "bad json": "not valid JSON",
     "contract": "graph contract 2.0, this runtime reads 1.0",
+    "pad outside": "manifest.model.pad_token_id [512] outside the vocabulary [0, 512)",
+    "vocab 0": "manifest.model.vocab_size is 0, expected >= 1",
     "checksum": "weights.data does not match its sha256",
     "missing file": "decode_unfold.onnx listed in the manifest is missing",
     "id range": "token ids [512] are outside the vocabulary [0, 512)",

@@ -146,6 +146,29 @@ Manifest load_manifest(const std::string& folder, bool verify_files) {
   m.model.max_context = model.at("max_context", "manifest.model").as_int("model.max_context");
   m.model.eos_token_ids = int_list(model.at("eos_token_ids", "manifest.model"),
                                    "manifest.model.eos_token_ids");
+  // the ranges pipo_graphs.manifest.Manifest.from_json checks, with its messages
+  for (auto& [name, v] : {std::pair<const char*, int64_t>{"vocab_size", m.model.vocab_size},
+                          {"max_context", m.model.max_context}}) {
+    if (v < 1) {
+      throw Error("manifest.model." + std::string(name) + " is " + std::to_string(v) +
+                  ", expected >= 1");
+    }
+  }
+  std::vector<int64_t> pad{m.model.pad_token_id};
+  for (auto& [name, ids] : {std::pair<const char*, const std::vector<int64_t>*>{
+                                "pad_token_id", &pad},
+                            {"eos_token_ids", &m.model.eos_token_ids}}) {
+    std::string outside;
+    for (int64_t id : *ids) {
+      if (id < 0 || id >= m.model.vocab_size) {
+        outside += (outside.empty() ? "" : ", ") + std::to_string(id);
+      }
+    }
+    if (!outside.empty()) {
+      throw Error("manifest.model." + std::string(name) + " [" + outside +
+                  "] outside the vocabulary [0, " + std::to_string(m.model.vocab_size) + ")");
+    }
+  }
 
   const Json& exp = doc.at("export", "manifest");
   require(exp, {"target", "dtype", "opset", "sample_cap", "tool_versions"},
