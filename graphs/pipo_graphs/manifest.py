@@ -399,6 +399,11 @@ def verify_checksums(folder: Path, manifest: Manifest) -> None:
         f = folder / name
         if not f.is_file():
             raise ManifestError(f"{folder}: file {name} listed in the manifest is missing")
-        if f.stat().st_size != entry.bytes or sha256_file(f) != entry.sha256:
+        try:
+            same = f.stat().st_size == entry.bytes and sha256_file(f) == entry.sha256
+        except OSError as exc:
+            raise ManifestError(f"{f}: cannot be read ({exc.strerror}); check its permissions "
+                                "or re-export") from None
+        if not same:
             raise ManifestError(f"{folder}: {name} does not match its sha256 in the manifest "
                                 "(corrupted or swapped file); re-export")

@@ -78,3 +78,20 @@ def test_manifest_edits_and_missing_seal_are_refused(runtime, pristine, tmp_path
     shutil.copy(pristine / "manifest.json", folder / "manifest.json")
     (folder / "manifest.sha256").unlink()
     assert "manifest.sha256: missing" in _refusal(runtime, folder)
+
+
+def test_unreadable_export_file_is_one_line(pristine, tmp_path, monkeypatch):
+    """A listed file that cannot be read (injected: everything here runs as root, so chmod
+    cannot make a file unreadable) is a PipoUserError naming the file and the cause."""
+    import builtins
+    folder = tmp_path / "export"
+    shutil.copytree(pristine, folder)
+    real_open = builtins.open
+
+    def deny(path, *args, **kw):
+        if str(path).endswith("weights.data"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr(builtins, "open", deny)
+    message = _refusal("python", folder)
+    assert "weights.data: cannot be read (Permission denied)" in message
