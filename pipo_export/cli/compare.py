@@ -15,6 +15,7 @@ from pipo_graphs.contract import ATTENTION_MASK, CONFIDENCE, OUTPUT_MASK, PAIR, 
     PROMPT_MASK
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST
+from pipo_graphs.tolerance import scale_of
 from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
@@ -117,14 +118,11 @@ def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> d
 
 
 def scaled_atol(ref_steps: list[dict], atol: float) -> dict[str, float]:
-    """Per-output absolute tolerance: atol x max(1, largest |reference value| over all steps),
-    as in export validation: float32 error grows with a tensor's magnitude (attention keys)."""
-    scale = {}
-    for outputs in ref_steps:
-        for name, value in outputs.items():
-            if value.dtype.kind == "f" and value.size:
-                scale[name] = max(scale.get(name, 1.0), float(np.abs(value).max()))
-    return {"": atol, **{name: atol * s for name, s in scale.items()}}
+    """Per-output absolute tolerance: atol x scale_of(the output over all reference steps), the
+    rule export validation uses (pipo_graphs.tolerance)."""
+    names = {n for outputs in ref_steps for n, v in outputs.items() if v.dtype.kind == "f"}
+    return {"": atol, **{n: atol * scale_of(*(o[n] for o in ref_steps if n in o))
+                         for n in sorted(names)}}
 
 
 def _commit_rate(steps: list[dict], pad: int) -> float:

@@ -6,8 +6,8 @@ piece boundary. Then each piece instance (embed, every layer, head) is recompute
 *the export's own inputs to that piece* (teacher forced), so an error never compounds and only
 one layer's weights are in memory at a time:
 
-    err   = max |export - float64 reference| / scale       scale = max(1, max |reference|)
-    noise = max |torch in the export dtype - float64| / scale   (the noise floor, measured)
+    err   = scaled_error(export, float64 reference)      (pipo_graphs.tolerance: the error over
+    noise = scaled_error(torch in the export dtype, float64)   max(1, max |reference|))
     pass  when err <= max(NOISE_FACTOR * noise, FLOOR[dtype])
 
 Tokens, masks and positions must be equal; a token may differ only where the float64 reference
@@ -26,6 +26,7 @@ import torch
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, Mode,
     PAIR, PAST, PREFILL, PRESENT, UNIFORMS, present_to_past, state_name)
+from pipo_graphs.tolerance import scaled_error
 from pipo_runtime.requests import sampling_rows
 
 from pipo_export.errors import ExportError
@@ -186,10 +187,9 @@ class Checker:
                 self.failures.append(f"{where} {name} (step {step}): {(got != ref).sum()} elements "
                                      "differ from the torch reference")
             return
-        scale = max(1.0, float(np.abs(ref).max(initial=0)))
-        err = float(np.abs(got.astype(np.float64) - ref).max(initial=0)) / scale
+        err = scaled_error(got, ref)
         if low is not None:
-            noise = float(np.abs(low.double().numpy() - ref).max(initial=0)) / scale
+            noise = scaled_error(low.double().numpy(), ref)
             self.noise[piece, name] = max(noise, self.noise.get((piece, name), 0.0))
         noise = self.noise.get((piece, name), 0.0)
         f = Finding(where, name, step, err, noise, max(NOISE_FACTOR * noise, self.floor))
