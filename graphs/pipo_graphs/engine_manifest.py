@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .contract import DECODE, PREFILL
 from .errors import PipoUserError
-from .manifest import Manifest, ManifestError, _check_schema, read_sealed, sha256_file
+from .manifest import Manifest, ManifestError, _check_schema, sha256_file
+from .seal import read_sealed
 
 ENGINES = "engines.json"
 ENGINE_FORMAT = "pipo-engines"

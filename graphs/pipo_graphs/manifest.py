@@ -19,19 +19,16 @@ from typing import Any, Literal, Union
 
 from .contract import CONTRACT_VERSION, DECODE, PREFILL, Mode, ModelDims, Target
 from .dtypes import DType
-from .errors import PipoUserError
+from .errors import ManifestError  # noqa: F401 (re-exported: runtimes import it from here)
+from .seal import read_sealed
 
 MANIFEST = "manifest.json"
-SEAL_SUFFIX = ".sha256"  # manifest.json -> manifest.sha256, in `sha256sum -c` format
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 LayerType = Literal["linear_attention", "full_attention"]
 get_origin, get_args = typing.get_origin, typing.get_args
 Shape = list[Union[int, str]]  # ints and symbolic dims ("batch", "past_pairs", ...)
 
 
-class ManifestError(PipoUserError):
-    """The export folder's manifest is missing, malformed, from another contract, or its files
-    do not match their checksums."""
 
 
 # ---------------------------------------------------------------------------- typed JSON
@@ -303,45 +300,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def seal_path(path: Path) -> Path:
-    """The checksum file that protects a JSON file: manifest.json -> manifest.sha256."""
-    return path.with_name(path.stem + SEAL_SUFFIX)
-
-
-def write_sealed(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` and its sha256 to seal_path(path) (`sha256sum -c`
-    verifies it)."""
-    data = text.encode()
-    path.write_bytes(data)
-    seal_path(path).write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
-
-
-def read_sealed(path: Path) -> str:
-    """The text of `path` once its bytes match the sha256 in seal_path(path); ManifestError
-    (one line: the file, the problem, the fix) when the seal is missing, malformed or
-    different."""
-    seal = seal_path(path)
-    try:
-        data, line = path.read_bytes(), seal.read_bytes()
-    except FileNotFoundError as exc:
-        raise ManifestError(f"{exc.filename}: missing; {path.name} is only read with its "
-                            f"checksum file {seal.name} beside it (re-export)") from None
-    except IsADirectoryError as exc:
-        raise ManifestError(f"{exc.filename}: is a folder, expected a file; re-export") from None
-    except OSError as exc:
-        raise ManifestError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
-    want = line.split(b" ", 1)[0].strip().decode("ascii", "replace")
-    if line.rstrip(b"\n") != f"{want}  {path.name}".encode() or len(want) != 64:
-        raise ManifestError(f"{seal}: not a sha256 line for {path.name} (corrupted); re-export")
-    if hashlib.sha256(data).hexdigest() != want:
-        raise ManifestError(f"{path}: does not match its sha256 in {seal.name} (the file was "
-                            "changed or corrupted); re-export")
-    try:
-        return data.decode()
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def file_entries(folder: Path, names: list[str]) -> dict:

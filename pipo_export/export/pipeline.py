@@ -25,7 +25,8 @@ import torch
 from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
     PRESENT, TARGET_CAPS, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
-from pipo_graphs.manifest import MANIFEST, file_entries, write_sealed
+from pipo_graphs.manifest import MANIFEST, file_entries
+from pipo_graphs.seal import write_sealed
 from pipo_runtime.text import TOKENIZER_FILES
 
 from pipo_export.errors import ExportError

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipo_graphs.contract import DECODE, PREFILL, Target
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, make_engine_manifest
-from pipo_graphs.manifest import Manifest, load_manifest, seal_path, sha256_file, write_sealed
+from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
+from pipo_graphs.seal import seal_path, write_sealed
 
 from pipo_export.tensorrt.profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)

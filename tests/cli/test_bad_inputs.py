@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipo_export import cli
-from pipo_graphs.manifest import write_sealed
+from pipo_graphs.seal import write_sealed
 
 from conftest import TINY_REF
 

@@ -10,7 +10,8 @@ import pytest
 
 from pipo_export.onnx.graph import iter_graphs
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import file_entries, write_sealed
+from pipo_graphs.manifest import file_entries
+from pipo_graphs.seal import write_sealed
 from pipo_runtime import GenerationConfig, PipoSession
 
 from conftest import run_cli

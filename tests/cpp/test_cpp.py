@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipo_graphs import SamplingParams
-from pipo_graphs.manifest import write_sealed
+from pipo_graphs.seal import write_sealed
 from pipo_graphs.rng import uniform
 from pipo_runtime.session import GenerationConfig, PipoSession
 from pipo_runtime.text import result_dict

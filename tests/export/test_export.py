@@ -15,7 +15,8 @@ from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
 from pipo_export.onnx.graph import symbolic_dims
 from pipo_export.onnx.graph import iter_graphs, weight_refs
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.manifest import load_manifest, write_sealed
+from pipo_graphs.manifest import load_manifest
+from pipo_graphs.seal import write_sealed
 from pipo_runtime import GenerationConfig, PipoSession
 
 from conftest import TINY_REF, run_cli, run_json

@@ -26,8 +26,8 @@ from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineM
     EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
     select_profile
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file, \
-    write_sealed
+from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
+from pipo_graphs.seal import write_sealed
 from pipo_graphs.shapes import resolve_shape
 from pipo_export.tensorrt.profiles import BuildError, Precision, context_limits, derive_profiles, \
     input_shapes, parse_profile_bounds, resolve_precision
