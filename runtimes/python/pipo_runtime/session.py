@@ -191,7 +191,8 @@ class PipoSession:
         prompts = self._prompts(prompts)
         steps = config.steps()
         config.sampling.validate()
-        check_request(self.facts, prompts, steps, token_ids(config.stop_token_ids, "stop_token_ids"))
+        stop_ids = token_ids(config.stop_token_ids, "stop_token_ids")
+        check_request(self.facts, prompts, steps, stop_ids)
         result = GenerationResult([SequenceResult() for _ in prompts])
         return GenerationStream(self._events(prompts, config, steps, result), result)
 
