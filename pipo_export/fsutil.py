@@ -41,6 +41,15 @@ def read_json_object(path: Path, missing: dict | None = None) -> dict:
     return data
 
 
+def read_checkpoint_json(path: Path, missing: dict | None = None) -> dict:
+    """read_json_object for a file of a checkpoint or adapter folder: CheckpointError."""
+    from pipo_export.errors import CheckpointError
+    try:
+        return read_json_object(path, missing)
+    except PipoError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

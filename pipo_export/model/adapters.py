@@ -28,8 +28,8 @@ from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipo_export.errors import CheckpointError, PipoError
-from pipo_export.fsutil import read_json_object
+from pipo_export.errors import CheckpointError
+from pipo_export.fsutil import read_checkpoint_json
 from pipo_export.model.config import PipoConfig, parse_config
 from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource, TensorSource, \
     normalize_key
@@ -51,14 +51,6 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "chat_template.json", "generation_config.json", "preprocessor_config.json",
                 "video_preprocessor_config.json")
-
-
-def _read_json(path: Path, missing: dict | None = None) -> dict:
-    """The JSON object in `path`; `missing` (when given) if there is no such file."""
-    try:
-        return read_json_object(path, missing)
-    except PipoError as exc:
-        raise CheckpointError(str(exc)) from None
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -90,7 +82,7 @@ class AdapterConfig:
                                       f"{ADAPTER_WEIGHTS} (torch.load, safetensors save_file)")
             raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
         path = folder / ADAPTER_CONFIG
-        _read_json(path)  # a clear error for a broken file; peft reads it below
+        read_checkpoint_json(path)  # a clear error for a broken file; peft reads it below
         raw = PeftConfig.from_json_file(str(path))
         kind = str(raw.get("peft_type") or "untyped (no peft_type)")
         if kind != PeftType.LORA.value:
@@ -277,15 +269,15 @@ class AdapterSource:
 
 def _pad_token_id(adapter: Path, base: Path, raw: dict) -> int:
     """pad_token_id from the adapter's config.json, the base config, or the base tokenizer."""
-    for c in (_read_json(adapter / "config.json", {}), raw):
+    for c in (read_checkpoint_json(adapter / "config.json", {}), raw):
         for d in (c, c.get("text_config") or {}):
             if d.get("pad_token_id") is not None:
                 return int(d["pad_token_id"])
-    tc = _read_json(base / "tokenizer_config.json", {})
+    tc = read_checkpoint_json(base / "tokenizer_config.json", {})
     pad = tc.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
     if pad:
-        tok = _read_json(base / "tokenizer.json", {})
+        tok = read_checkpoint_json(base / "tokenizer.json", {})
         vocab = (tok.get("model") or {}).get("vocab")
         ids = dict(vocab) if isinstance(vocab, dict) else {}
         ids.update({t.get("content"): t.get("id") for t in tok.get("added_tokens", [])})
@@ -314,7 +306,7 @@ def open_merged(adapter_folder: str | Path,
         raise CheckpointError(f"{base} is itself an adapter folder; --base takes the full model")
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: no config.json; the base is a Hugging Face Qwen3.5 folder")
-    raw = _read_json(base / "config.json")
+    raw = read_checkpoint_json(base / "config.json")
     parse_config(dict(raw, pad_token_id=0), str(base / "config.json"))  # layout errors first
     text = raw["text_config"] if raw.get("model_type") == "qwen3_5" else raw
     tied = bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)))
@@ -339,7 +331,7 @@ def open_merged(adapter_folder: str | Path,
         inner[key] = fields[key]
     cfg = parse_config(config_json, str(base / "config.json"))
     if not cfg.eos_token_ids:  # from generation_config.json, as load_config does
-        eos = _read_json(base / "generation_config.json", {}).get("eos_token_id")
+        eos = read_checkpoint_json(base / "generation_config.json", {}).get("eos_token_id")
         cfg.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])
                              if e is not None]
     return cfg, source, config_json

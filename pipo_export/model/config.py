@@ -9,8 +9,8 @@ from pathlib import Path
 
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
-from pipo_export.errors import CheckpointError, PipoError
-from pipo_export.fsutil import read_json_object
+from pipo_export.errors import CheckpointError
+from pipo_export.fsutil import read_checkpoint_json
 
 PIPO_FIELDS = ("compressor_type", "mtp_num_hidden_layers", "pad_token_id", "eos_token_id")
 # the text config's fields checked before transformers sees them (absent = its default)
@@ -160,11 +160,8 @@ def load_config(folder: Path) -> PipoConfig:
     if not path.exists():
         raise CheckpointError(f"{folder}: no config.json; a PIPO checkpoint is a Hugging Face "
                               "folder with config.json and safetensors weights")
-    try:
-        cfg = parse_config(read_json_object(path), str(path))
-        gen = read_json_object(Path(folder) / "generation_config.json", {})
-    except PipoError as exc:
-        raise CheckpointError(str(exc)) from None
+    cfg = parse_config(read_checkpoint_json(path), str(path))
+    gen = read_checkpoint_json(Path(folder) / "generation_config.json", {})
     eos = gen.get("eos_token_id")
     if not cfg.eos_token_ids and eos is not None:
         eos = eos if isinstance(eos, list) else [eos]

@@ -21,6 +21,7 @@ import torch
 from pipo_graphs.dtypes import SAFETENSORS_DTYPES
 
 from pipo_export.errors import CheckpointError
+from pipo_export.fsutil import read_checkpoint_json
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' long-standing max_shard_size "5GB"
@@ -80,11 +81,12 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: shards from the index, or the single file."""
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        weight_map = read_checkpoint_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected a "
+                                  "'weight_map' object of tensor name -> shard file)")
+        names = sorted(set(weight_map.values()))
         files = [folder / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
