@@ -73,6 +73,9 @@ TARGET_CAPS = {Target.ONNXRUNTIME: TargetCaps(quantized_weights=True, standard_o
                                               half_cast_per_use=True),
                Target.TENSORRT: TargetCaps(quantized_weights=False, standard_ops_only=True,
                                            half_cast_per_use=False)}
+# ONNX Runtime's own ops in the ONNX domain (not in the ONNX standard): graphs of targets that are
+# not standard_ops_only may hold them; onnx's reference evaluator cannot run them
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
 
 
 def state_name(kind: str, layer: int | None = None) -> str:

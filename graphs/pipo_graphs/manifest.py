@@ -229,6 +229,11 @@ class WeightsInfo(_Json):
         return self.extra.get("block_size")
 
     @property
+    def symmetric(self) -> bool:
+        """No stored zero points (exports from before the option stored them: False)."""
+        return bool(self.extra.get("symmetric", False))
+
+    @property
     def quantized(self) -> list[str]:
         """Names of the weights stored quantized (MatMulNBits)."""
         return list(self.extra.get("quantized", ()))

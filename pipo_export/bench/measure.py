@@ -83,12 +83,13 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
 
 def weight_widths(manifest: Manifest) -> dict[str, float]:
     """Stored bytes per element of each weight written quantized (MatMulNBits: packed
-    bits/8, a float32 scale and a packed bits-wide zero point per block along K)."""
+    bits/8, a float32 scale and, unless symmetric, a packed bits-wide zero point per block
+    along K)."""
     stored = manifest.weights
     if stored is None or stored.format == "float":
         return {}
     bits, block = stored.bits, stored.block_size
-    width = bits / 8 + 4 / block + bits / 8 / block
+    width = bits / 8 + 4 / block + (0 if stored.symmetric else bits / 8 / block)
     return {name: width for name in stored.quantized}
 
 

@@ -16,5 +16,6 @@ def command(ns) -> int:
                          validate=not ns.no_validate, mode=Mode(ns.mode),
                          base=ns.base, trace_cache=ns.trace_cache,
                          weights=ns.weights, block_size=ns.block_size,
-                         accuracy_level=ns.accuracy_level))
+                         accuracy_level=ns.accuracy_level,
+                         symmetric=not ns.asymmetric))
     return 0

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=EXPORT_DEFAULTS.accuracy_level,
                    help="MatMulNBits compute (int8/int4): 4 = int8 activations (fast, default), "
                         "0 = float32")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="int8/int4 with a zero point per block (default: symmetric, as ONNX "
+                        "Runtime GenAI's int4)")
     p.add_argument("--trace-cache", default=None, metavar="DIR",
                    help="reuse traced pieces from DIR (same architecture, dtype, target, opset); "
                         "written there when missing")

@@ -27,3 +27,4 @@ class ExportOptions:
     weights: str = "float"  # float | int8 | int4 (pipo_export.export.quantize.WeightFormat)
     block_size: int = 32  # quantization block along K (int8/int4)
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32
+    symmetric: bool = True  # int8/int4 without zero points (as ORT GenAI); False: asymmetric

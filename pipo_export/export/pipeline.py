@@ -123,7 +123,7 @@ class Traced:
         fmt = WeightFormat(opts.weights)
         if fmt == WeightFormat.FLOAT:
             return None
-        spec = QuantSpec(fmt.bits, opts.block_size, opts.accuracy_level)
+        spec = QuantSpec(fmt.bits, opts.block_size, opts.accuracy_level, opts.symmetric)
         self.float_protos = dict(self.protos)
         for name, proto in self.protos.items():
             proto = self.protos[name] = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -249,7 +249,7 @@ def export(opts: ExportOptions) -> dict:
                   "format": opts.weights}
         if quant is not None:
             stored.update(bits=quant.bits, block_size=quant.block_size,
-                          accuracy_level=quant.accuracy_level,
+                          accuracy_level=quant.accuracy_level, symmetric=quant.symmetric,
                           quantized=sorted(reader.quantized), accuracy=stored_accuracy,
                           float=sorted({reader.base(n) for n in names} - reader.quantized))
         manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts, max_context, io, states,

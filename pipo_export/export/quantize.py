@@ -6,8 +6,8 @@ The numbers come from ONNX Runtime's own block quantizer (`DefaultWeightOnlyQuan
 .qbits_block_quant`, the routine its MatMulNBitsQuantizer runs), applied to each weight as it is
 streamed into weights.data, so no graph with all weights is ever in memory. The graph rewrite is
 done once per traced piece: the weight input ``wT:<param>`` [K, N] feeding MatMul becomes three
-inputs ``wq:`` (packed [N, K/block, block*bits/8] uint8), ``wqs:`` (scales [N, K/block]) and
-``wqz:`` (zero points, uint8). The embedding gather stays exact (float); a tied lm_head gets its
+inputs ``wq:`` (packed [N, K/block, block*bits/8] uint8), ``wqs:`` (scales [N, K/block]) and,
+unless symmetric, ``wqz:`` (zero points, uint8). The embedding gather stays exact (float); a tied lm_head gets its
 own quantized copy of the transposed embedding.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from pipo_export.export.pieces import WEIGHT, WEIGHT_T
 
 QUANT_INPUTS = {"wq:": ".q", "wqs:": ".scales", "wqz:": ".zp"}  # input prefix -> stored suffix
+ZERO_POINTS = "wqz:"
 MS_DOMAIN = "com.microsoft"
 
 
@@ -37,22 +38,25 @@ class WeightFormat(str, Enum):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Block-wise asymmetric quantization along K (ORT's MatMulNBits layout)."""
+    """Block-wise quantization along K (ORT's MatMulNBits layout); symmetric by default, as
+    ONNX Runtime GenAI's int4 models."""
 
     bits: int
     block_size: int = 32
     accuracy_level: int = 4  # int8 activations in the kernel (fast CPU path)
+    symmetric: bool = True  # no stored zero points (MatMulNBits' default 2^(bits-1))
 
     def _quantizer(self):
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer)
         return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-            block_size=self.block_size, is_symmetric=False, accuracy_level=self.accuracy_level,
+            block_size=self.block_size, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
             bits=self.bits))
 
     def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """w [K, N] float32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N, K/bs] float32,
-        zero points [N, ceil(K/bs * bits/8)] uint8 (ORT's own routine)."""
+        zero points [N, ceil(K/bs * bits/8)] uint8 (ORT's own routine; unused and not stored
+        when symmetric: the kernel's default 2^(bits-1) applies)."""
         return self._quantizer().qbits_block_quant(np.ascontiguousarray(w, dtype=np.float32))
 
     def dequantize(self, packed: np.ndarray, scales: np.ndarray, zp: np.ndarray,
@@ -64,6 +68,8 @@ class QuantSpec:
             z = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
         else:
             q, z = packed.reshape(n, blocks, self.block_size), zp.reshape(n, -1)[:, :blocks]
+        if self.symmetric:  # the quantizer returns zeros; MatMulNBits reads 2^(bits-1)
+            z = np.full_like(z, 1 << (self.bits - 1))
         w = (q.astype(np.float32) - z[..., None].astype(np.float32)) * scales[..., None]
         return w.reshape(n, -1)[:, :k].T
 
@@ -127,9 +133,10 @@ def quantize_piece(model: onnx.ModelProto, spec: QuantSpec) -> list[str]:
                   "wqz:": [n, -(-blocks * spec.bits // 8)]}
         types = {"wq:": TensorProto.UINT8, "wqs:": vi.type.tensor_type.elem_type,
                  "wqz:": TensorProto.UINT8}
+        prefixes = [p for p in QUANT_INPUTS if p != ZERO_POINTS or not spec.symmetric]
         for m in matmuls:
             m.op_type, m.domain = "MatMulNBits", MS_DOMAIN
-            m.input[:] = [m.input[0]] + [p + param for p in QUANT_INPUTS]
+            m.input[:] = [m.input[0]] + [p + param for p in prefixes]
             m.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n),
                                 helper.make_attribute("bits", spec.bits),
                                 helper.make_attribute("block_size", spec.block_size),
@@ -140,7 +147,7 @@ def quantize_piece(model: onnx.ModelProto, spec: QuantSpec) -> list[str]:
                     if node in g.node:
                         g.node.remove(node)
         model.graph.input.remove(vi)
-        for prefix in QUANT_INPUTS:
+        for prefix in prefixes:
             model.graph.input.append(helper.make_tensor_value_info(
                 prefix + param, types[prefix], shapes[prefix]))
         done.append(param)

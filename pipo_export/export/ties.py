@@ -8,7 +8,7 @@ import numpy as np
 class SampleRecorder:
     """Records every `sample` call of the reference step (a reversible patch, optimum style)."""
 
-    MODULES = ("pipo_export.model.steps", "pipo_export.model.regular")
+    MODULES = ("pipo_export.model.steps",)  # PipoStep.pick (RegularStep inherits it)
 
     def __enter__(self) -> list:
         import importlib
@@ -52,7 +52,7 @@ def near_tie_tokens(calls: list, got_pair: np.ndarray, ref_pair: np.ndarray, con
             return False
         if slot >= len(calls):
             return False
-        logits, sp, prompt_mask, output_mask, u, cap = calls[slot]
+        logits, sp, prompt_mask, output_mask, u, cap = calls[slot][:6]
         one = lambda t: t[row:row + 1]  # noqa: E731
         row_sp = {k: one(v) for k, v in sp.items()}
         scores = penalized(one(logits), row_sp, one(prompt_mask), one(output_mask))[0]

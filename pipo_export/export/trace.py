@@ -86,6 +86,8 @@ def trace_piece(piece: Piece, opset: int, lowering: Lowering, dtype: torch.dtype
     prog.model = onnxscript.optimizer.optimize(prog.model, input_size_limit=FOLD_LIMIT,
                                                output_size_limit=FOLD_LIMIT)
     model = prog.model_proto
+    for graph_pass in lowering.graph_passes:
+        graph_pass(model)
     strip_metadata(model)
     check_piece_dims(model, piece)
     pre_transpose_weights(model)

@@ -52,13 +52,16 @@ def conv_step(mixed: torch.Tensor, window: torch.Tensor, weight: torch.Tensor):
 @dataclass
 class Kernels:
     """Swappable implementations of the sequence mixers and attention (the torch reference, or
-    a target's lowering: pipo_export.export.lowering). Signatures are those of the defaults."""
+    a target's lowering: pipo_export.export.lowering). Signatures are those of the defaults.
+    greedy_branch: sampling takes the argmax alone when every row is plain greedy (see
+    pipo_export.model.sampling.sample)."""
 
     attention: Callable = None  # set below: gated GQA attention over cache + new tokens
     conv_prefill: Callable = conv_prefill
     conv_step: Callable = conv_step
     chunk_rule: Callable = _reference_chunk
     recurrent_rule: Callable = _reference_recurrent
+    greedy_branch: bool = False
 
     def __post_init__(self):
         if self.attention is None:

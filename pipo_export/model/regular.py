@@ -16,7 +16,7 @@ from pipo_graphs.contract import (ATTENTION_MASK, Mode, OUTPUT_MASK, POSITION, P
     SKIPPED_CONFIDENCE)
 
 from pipo_export.model.layers import rope
-from pipo_export.model.sampling import add_tokens, sample
+from pipo_export.model.sampling import add_tokens
 from pipo_export.model.steps import LOGITS, PipoStep, States, take
 
 
@@ -49,7 +49,7 @@ class RegularStep(PipoStep):
                                              device=input_ids.device), prompt_tokens, self.pad_id)
         output_mask = torch.zeros_like(prompt_mask)
         logits = self.model.lm_head(take(hidden, lengths - 1))
-        token = sample(logits, sp, prompt_mask, output_mask, uniforms[:, 0], self.sample_cap)
+        token = self.pick(logits, sp, prompt_mask, output_mask, uniforms[:, 0])
         states = {ATTENTION_MASK: valid, POSITION: n_valid, PROMPT_MASK: prompt_mask,
                   OUTPUT_MASK: add_tokens(output_mask, token[:, None], self.pad_id),
                   LOGITS: logits.float()}
@@ -69,8 +69,7 @@ class RegularStep(PipoStep):
         """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states (one more slot)."""
         hidden = self.model.model.norm(hidden)
         logits = self.model.lm_head(hidden[:, 0])
-        token = sample(logits, sp, past[PROMPT_MASK], past[OUTPUT_MASK], uniforms[:, 0],
-                       self.sample_cap)
+        token = self.pick(logits, sp, past[PROMPT_MASK], past[OUTPUT_MASK], uniforms[:, 0])
         states = {ATTENTION_MASK: mask, POSITION: position + 1,
                   PROMPT_MASK: past[PROMPT_MASK].clone(),
                   OUTPUT_MASK: add_tokens(past[OUTPUT_MASK], token[:, None], self.pad_id),

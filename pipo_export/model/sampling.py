@@ -52,12 +52,32 @@ def candidates(logits: torch.Tensor, sp: dict[str, torch.Tensor], cap: int):
 
 
 def sample(logits: torch.Tensor, sp: dict[str, torch.Tensor], prompt_mask: torch.Tensor,
-           output_mask: torch.Tensor, u: torch.Tensor, cap: int) -> torch.Tensor:
+           output_mask: torch.Tensor, u: torch.Tensor, cap: int,
+           greedy_branch: bool = False) -> torch.Tensor:
     """Pick one token per row.
 
     logits [B, V]; sp: sampling inputs [B]; prompt_mask/output_mask [B, V] bool; u [B] uniforms
     in [0, 1); cap: number of top candidates sampled from -> tokens [B] int64.
+    greedy_branch: when every row is greedy without penalties, take the argmax alone
+    (torch.cond: an ONNX `If`; the same tokens, without the sampler's passes over the vocabulary).
     """
+    if not greedy_branch:
+        return _sample(logits, sp, prompt_mask, output_mask, u, cap)
+    names = sorted(sp)
+    plain = ((sp["temperature"] <= 0) & (sp["repetition_penalty"] == 1)
+             & (sp["presence_penalty"] == 0)).all()
+
+    def greedy(logits, prompt_mask, output_mask, u, *values):
+        return torch.argmax(logits.float(), dim=-1)
+
+    def full(logits, prompt_mask, output_mask, u, *values):
+        return _sample(logits, dict(zip(names, values)), prompt_mask, output_mask, u, cap)
+
+    operands = (logits, prompt_mask, output_mask, u, *[sp[n] for n in names])
+    return torch.cond(plain, greedy, full, tuple(t.clone() for t in operands))
+
+
+def _sample(logits, sp, prompt_mask, output_mask, u, cap: int) -> torch.Tensor:
     logits = penalized(logits, sp, prompt_mask, output_mask)
     greedy = torch.argmax(logits, dim=-1)
     index, cdf = candidates(logits, sp, cap)

@@ -74,6 +74,11 @@ class PipoStep(nn.Module):
     def layers(self):
         return self.model.model.layers
 
+    def pick(self, logits, sp, prompt_mask, output_mask, u):
+        """sampling.sample with this step's cap and greedy branch -> tokens [B]."""
+        return sample(logits, sp, prompt_mask, output_mask, u, self.sample_cap,
+                      self.kernels.greedy_branch)
+
     # -- prefill pieces -------------------------------------------------------------------
     def prefill_embed(self, input_ids, lengths):
         """input_ids [B, T] (T even), lengths [B] -> latents [B, L, H], valid [B, L] bool,
@@ -99,7 +104,7 @@ class PipoStep(nn.Module):
                                              device=input_ids.device), prompt_tokens, self.pad_id)
         output_mask = torch.zeros_like(prompt_mask)
         logits = self.model.lm_head(take(hidden, last))
-        token1 = sample(logits, sp, prompt_mask, output_mask, uniforms[:, 0], self.sample_cap)
+        token1 = self.pick(logits, sp, prompt_mask, output_mask, uniforms[:, 0])
         output_mask = add_tokens(output_mask, token1[:, None], self.pad_id)
         # MTP context: t_2, t_4, ..., then token1 at each row's last pair
         positions = torch.arange(hidden.shape[1], device=input_ids.device)[None]
@@ -131,8 +136,7 @@ class PipoStep(nn.Module):
         hidden = self.model.model.norm(hidden)
         prompt_mask = past[PROMPT_MASK]
         logits = self.model.lm_head(hidden[:, 0])
-        token1 = sample(logits, sp, prompt_mask, past[OUTPUT_MASK], uniforms[:, 0],
-                        self.sample_cap)
+        token1 = self.pick(logits, sp, prompt_mask, past[OUTPUT_MASK], uniforms[:, 0])
         output_mask = add_tokens(past[OUTPUT_MASK], token1[:, None], self.pad_id)
         token2, conf, mtp_key, mtp_value = self._second_token(
             token1[:, None], hidden, torch.zeros_like(position), (cos, sin), mask,
@@ -170,8 +174,7 @@ class PipoStep(nn.Module):
             past, spd = rest[:n_past] or (None, None), dict(zip(names, rest[n_past:]))
             m, keys, values = self._mtp(tokens, hidden, (cos, sin), mask, *past)
             m_last, h_last = take(m, last), take(hidden, last)
-            token2 = sample(self.model.lm_head(m_last), spd, prompt_mask, output_mask, u,
-                            self.sample_cap)
+            token2 = self.pick(self.model.lm_head(m_last), spd, prompt_mask, output_mask, u)
             conf = self.model.confidence_head(h_last, m_last)
             return gate(token2, conf, spd["threshold"], self.pad_id), conf, keys, values
 

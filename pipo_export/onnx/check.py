@@ -9,7 +9,7 @@ import onnx
 from pipo_graphs.contract import DECODE, PAST, PREFILL, TARGET_CAPS, Mode, state_specs
 from pipo_graphs.manifest import Manifest, ManifestError, load_manifest
 
-from pipo_export.onnx.graph import op_types, symbolic_dims, weight_refs
+from pipo_export.onnx.graph import known_to_onnx, op_types, symbolic_dims, weight_refs
 
 
 @dataclass
@@ -52,6 +52,7 @@ def check_export(folder: str | Path) -> CheckReport:
         report.add("manifest and sha256 of every file", False, str(exc))
         return report
     paths = {g: folder / manifest.graphs[g].file for g in (PREFILL, DECODE)}
+    known_to_onnx()
     for g, path in paths.items():
         try:
             onnx.checker.check_model(str(path), full_check=True)

@@ -162,3 +162,25 @@ class GraphScope:
     def elem_type(self, name: str) -> Optional[int]:
         t = self._find("types", name) if name else None
         return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
+
+
+
+def known_to_onnx() -> None:
+    """Register the schemas of ONNX Runtime's ONNX-domain ops (pipo_graphs.contract
+    .ORT_ONNX_DOMAIN_OPS) with onnx, once per process, so its checker accepts them."""
+    from onnx import defs
+    from pipo_graphs.contract import ORT_ONNX_DOMAIN_OPS
+    s = defs.OpSchema
+    opt = s.FormalParameterOption.Optional
+    schemas = {"SimplifiedLayerNormalization": s(  # y = x / rms(x) * scale, along axis
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[s.FormalParameter("X", "T"), s.FormalParameter("scale", "T")],
+        outputs=[s.FormalParameter("Y", "T"),
+                 s.FormalParameter("inv_std_var", "T", param_option=opt)],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+        attributes=[s.Attribute(a, kind, "", required=False) for a, kind in
+                    (("axis", s.AttrType.INT), ("epsilon", s.AttrType.FLOAT),
+                     ("stash_type", s.AttrType.INT))])}
+    for name in ORT_ONNX_DOMAIN_OPS:
+        if not defs.has(name, ""):
+            defs.register_schema(schemas[name])

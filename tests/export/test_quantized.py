@@ -25,7 +25,9 @@ def quantized(tmp_path_factory):
     # to float32 rounding, so the tokens can be compared exactly; int8 with the default level
     return {"int8": export_folder(root / "int8", TINY_REF, cache, weights="int8"),
             "int4": export_folder(root / "int4", TINY_REF, cache, weights="int4",
-                                  accuracy_level=0)}
+                                  accuracy_level=0),
+            "int4-asym": export_folder(root / "int4-asym", TINY_REF, cache, weights="int4",
+                                       accuracy_level=0, symmetric=False)}
 
 
 def _op_types(path) -> set[str]:
@@ -42,11 +44,11 @@ def _op_types(path) -> set[str]:
     return ops
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("bits", ["int8", "int4", "int4-asym"])
 def test_manifest_records_what_and_how_accurate(quantized, bits):
     manifest = json.loads((quantized[bits] / "manifest.json").read_text())
     w = manifest["weights"]
-    assert w["format"] == bits and w["bits"] == int(bits[3:]) and w["block_size"] == 32
+    assert w["format"] == bits[:4] and w["bits"] == int(bits[3]) and w["block_size"] == 32
     assert w["accuracy_level"] == (4 if bits == "int8" else 0)
     assert "model.layers.0.mlp.down_proj.weight" in w["quantized"]
     assert all("norm" not in name for name in w["quantized"])  # norms and biases stay float
@@ -55,6 +57,16 @@ def test_manifest_records_what_and_how_accurate(quantized, bits):
     assert 0 <= acc["token1_agreement"] <= 1 and acc["max_logit_error"] >= 0
     for graph in ("prefill_compress.onnx", "decode_unfold.onnx"):
         assert "MatMulNBits" in _op_types(quantized[bits] / graph)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4-asym"])
+def test_zero_points_stored_only_when_asymmetric(quantized, kind):
+    symmetric = kind == "int4"
+    assert json.loads((quantized[kind] / "manifest.json").read_text())["weights"]["symmetric"] \
+        == symmetric
+    model = onnx.load(str(quantized[kind] / "decode_unfold.onnx"), load_external_data=False)
+    inputs = {len(n.input) for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert inputs == ({3} if symmetric else {4})  # A, B, scales (, zero points)
 
 
 def _fake_quantized(names: list[str], spec):
@@ -77,15 +89,16 @@ def _fake_quantized(names: list[str], spec):
     return model
 
 
-def test_int4_tokens_equal_dequantized_torch(quantized):
+@pytest.mark.parametrize("kind", ["int4", "int4-asym"])
+def test_int4_tokens_equal_dequantized_torch(quantized, kind):
     """Greedy and sampled pairs of the int4 export equal the torch reference on the dequantized
     weights exactly; confidences within 1e-4 (float32 summation order)."""
     from pipo_export.export.quantize import QuantSpec
     from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
     from pipo_graphs import SamplingParams
-    w = json.loads((quantized["int4"] / "manifest.json").read_text())["weights"]
-    model = _fake_quantized(w["quantized"], QuantSpec(4, w["block_size"], 0))
-    session = PipoSession.load(quantized["int4"])
+    w = json.loads((quantized[kind] / "manifest.json").read_text())["weights"]
+    model = _fake_quantized(w["quantized"], QuantSpec(4, w["block_size"], 0, w["symmetric"]))
+    session = PipoSession.load(quantized[kind])
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.95, top_k=20)):
         want = ReferenceDecoder(model).generate(PROMPTS, GenerateOptions(
             max_steps=12, threshold=0.5, sampling=sampling, seed=3))

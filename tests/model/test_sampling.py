@@ -53,6 +53,32 @@ def test_sampler_matches_numpy_definition(params):
     assert got == want
 
 
+@pytest.mark.parametrize("params", CASES + [
+    SamplingParams(repetition_penalty=1.3), SamplingParams(presence_penalty=2.0)],
+    ids=lambda p: str(vars(p)))
+def test_greedy_branch_keeps_the_definition(params):
+    """sample(greedy_branch=True) (the onnxruntime lowering's If) picks what the definition
+    picks: the argmax alone only when every row is greedy without penalties; greedy rows with
+    penalties, and batches mixing greedy and sampled rows, take the full sampler."""
+    rng = np.random.default_rng(1)
+    b = 16
+    logits = rng.normal(size=(b, V)).astype(np.float32) * 3
+    prompt, out = rng.random((b, V)) < 0.3, rng.random((b, V)) < 0.2
+    u = rng.random(b).astype(np.float32)
+    for mixed in (False, True):
+        sp = sampling_tensors(params, b, threshold=-1.0)
+        rows = [params] * b
+        if mixed:  # one row of another kind makes the whole batch take the full sampler
+            other = SamplingParams(temperature=0.9, top_k=7)
+            rows[3] = other
+            for name, value in sampling_tensors(other, 1, threshold=-1.0).items():
+                sp[name][3] = value[0]
+        got = sample(torch.from_numpy(logits), sp, torch.from_numpy(prompt),
+                     torch.from_numpy(out), torch.from_numpy(u), cap=V, greedy_branch=True)
+        want = [_np_sample(logits[i], rows[i], prompt[i], out[i], float(u[i])) for i in range(b)]
+        assert got.tolist() == want
+
+
 def test_uniform_selects_across_distribution():
     """u sweeps the inverse CDF: frequencies follow the softmax."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)

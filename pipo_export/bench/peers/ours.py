@@ -24,7 +24,7 @@ SEMANTICS = (
     "greedy, tau < 0 (every token2 kept). TTFT = the prefill step (the prompt to the first "
     "pair for PIPO, to the first token for regular); ms/token = decode time / user tokens "
     "emitted after the prefill (GenerationResult.ms_per_token: a PIPO step emits two). int8/int4 "
-    "= `export --weights int8|int4` (MatMulNBits, asymmetric, accuracy_level 4; the embedding "
+    "= `export --weights int8|int4` (MatMulNBits, symmetric, accuracy_level 4; the embedding "
     "gather stays exact). Each measurement: load the session, one warm-up generation, one timed "
     "generation, close.")
 

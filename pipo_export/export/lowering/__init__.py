@@ -1,8 +1,9 @@
 """Lowerings: how each export target expresses the model's kernels in ONNX.
 
 A `Lowering` gives the torch implementations the pieces are traced with (`Kernels`: attention,
-causal conv, delta rule), plus what the ONNX exporter needs for them: a custom translation
-table (torch custom op -> onnxscript function) and extra opset imports (e.g. com.microsoft).
+causal conv, delta rule, the sampler's greedy branch), plus what the ONNX exporter needs for
+them: a custom translation table (torch custom op -> onnxscript function), extra opset imports
+(e.g. com.microsoft), and graph passes run on every traced piece (e.g. norm fusion).
 Adding a lowering is one module under this package defining `LOWERING`, plus one line in
 `MODULES`.
 """
@@ -25,6 +26,7 @@ class Lowering:
     kernels: Kernels
     translation_table: dict = field(default_factory=dict)  # torch op overload -> onnxscript fn
     opset_imports: dict = field(default_factory=dict)  # extra ONNX domain -> version
+    graph_passes: tuple = ()  # fn(onnx.ModelProto) -> None, in place, after tracing a piece
 
     @property
     def key(self) -> str:

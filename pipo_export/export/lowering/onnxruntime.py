@@ -7,6 +7,8 @@
 - Decode attention: GroupQueryAttention with the past cache, a per-row additive bias for the
   cache slots that hold no position, and no repeat of keys or values. The prompt's attention
   keeps the standard ops (its cache must hold every slot, padding included).
+- Norms: every RMSNorm and q/k l2norm one SimplifiedLayerNormalization (lowering.fusions).
+- Sampling: an `If` takes the argmax alone when every row is plain greedy.
 Each kernel is a torch custom op (eager: the reference math; traced: one node) mapped to its
 ONNX Runtime op by the exporter's custom translation table. Verified against the torch
 reference by the export's validation like every lowering.
@@ -22,6 +24,7 @@ from onnxscript._internal.values import Op, Opset
 from torch import Tensor
 
 from pipo_export.export.lowering import Lowering
+from pipo_export.export.lowering.fusions import fuse_rms_norms
 from pipo_export.export.lowering.standard import _l2norm
 from pipo_export.model.layers import Kernels, attention, attention_inputs, attention_output
 
@@ -193,10 +196,10 @@ def ort_attention(attn, x, cos, sin, past_k, past_v, mask):
 
 
 KERNELS = Kernels(attention=ort_attention, conv_prefill=conv_prefill, conv_step=conv_step,
-                  chunk_rule=_rule, recurrent_rule=_rule)
+                  chunk_rule=_rule, recurrent_rule=_rule, greedy_branch=True)
 LOWERING = Lowering(
     "onnxruntime-contrib", KERNELS,
     translation_table={torch.ops.pipo.linear_attention.default: _linear_attention_onnx,
                        torch.ops.pipo.causal_conv.default: _causal_conv_onnx,
                        torch.ops.pipo.gqa_step.default: _gqa_step_onnx},
-    opset_imports={MS: 1})
+    opset_imports={MS: 1}, graph_passes=(fuse_rms_norms,))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, PAIR, PREFILL,
-    SAMPLING_INPUTS, UNIFORMS, present_to_past)
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, ORT_ONNX_DOMAIN_OPS, PAIR,
+                                  PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
 from pipo_graphs.errors import PipoUserError
 
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
@@ -44,8 +44,9 @@ class _Graph:
         import onnx
         from onnx.reference import ReferenceEvaluator
         model = onnx.load(str(path), load_external_data=True)
-        contrib = sorted({f"{n.domain}::{n.op_type}" for g in _graphs(model.graph)
-                          for n in g.node if n.domain not in ("", "ai.onnx")})
+        contrib = sorted({f"{n.domain}::{n.op_type}".lstrip(":") for g in _graphs(model.graph)
+                          for n in g.node if n.domain not in ("", "ai.onnx")
+                          or n.op_type in ORT_ONNX_DOMAIN_OPS})
         if contrib:
             raise PipoUserError(f"{path.name} uses ONNX Runtime contrib ops ({', '.join(contrib)}),"
                                 " which onnx's reference evaluator cannot run; compare the "
