@@ -84,7 +84,7 @@ def write_weights(reader: WeightReader, names: list[str], path: Path,
     bases = list(dict.fromkeys(reader.base(n) for n in order))
     total = sum(int(np.prod(reader.source.shape(b))) * width for b in bases)
     reader.quantized = {reader.base(n) for n in order if n.endswith(QUANT_SUFFIXES)}
-    refs, done, last = {}, 0, None
+    refs, done, seen = {}, 0, set()
     with open(path, "wb") as f:
         for name in order:
             f.write(b"\0" * ((-f.tell()) % ALIGN))
@@ -94,9 +94,9 @@ def write_weights(reader: WeightReader, names: list[str], path: Path,
             dtype = str(value.dtype).replace("torch.", "")
             refs[name] = WeightRef(name, dtype, tuple(value.shape), offset, f.tell() - offset)
             base = reader.base(name)
-            if base != last:
+            if base not in seen:  # a tied table is read twice (gather, lm_head): count it once
                 done += int(np.prod(reader.source.shape(base))) * width
-                last = base
+                seen.add(base)
             del value
             if progress:
                 progress(done, total)

@@ -24,9 +24,9 @@ def _const(name, value):
 
 def _norm_graph(kind: str, axis: int = -1, keepdims: int = 1) -> onnx.ModelProto:
     """x [2, 3, 128] -> the traced form of an RMSNorm ("rms": * (1 + w)), an unweighted RMSNorm
-    ("plain") or an l2norm ("l2")."""
+    ("plain"), an l2norm ("l2") or an l2norm times a weight ("l2w": the Mul stays its own)."""
     nodes = [_const("two", 2.0), _const("axes", [axis]), _const("eps", EPS)]
-    if kind == "l2":
+    if kind.startswith("l2"):
         nodes += [helper.make_node("Mul", ["x", "x"], ["sq"]),
                   helper.make_node("ReduceSum", ["sq", "axes"], ["red"], keepdims=keepdims)]
     else:
@@ -43,6 +43,10 @@ def _norm_graph(kind: str, axis: int = -1, keepdims: int = 1) -> onnx.ModelProto
         nodes += [_const("one", 1.0), helper.make_node("Add", ["w:norm.weight", "one"], ["w1"]),
                   helper.make_node("Mul", ["normed", "w1"], ["y"])]
         out = "y"
+    if kind == "l2w":
+        inputs.append(helper.make_tensor_value_info("w:norm.weight", TensorProto.FLOAT, [128]))
+        nodes.append(helper.make_node("Mul", ["normed", "w:norm.weight"], ["y"]))
+        out = "y"
     nodes.append(helper.make_node("Identity", [out], ["out"]))
     graph = helper.make_graph(nodes, "g", inputs,
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
@@ -56,23 +60,25 @@ def _run(model, feeds):
 
 def _numpy(kind, x, w):
     x = x.astype(np.float64)
-    if kind == "l2":
-        return x / np.sqrt((x * x).sum(-1, keepdims=True) + EPS)
+    if kind.startswith("l2"):
+        y = x / np.sqrt((x * x).sum(-1, keepdims=True) + EPS)
+        return y * w if kind == "l2w" else y
     y = x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS)
     return y * (1.0 + w) if kind == "rms" else y
 
 
-@pytest.mark.parametrize("kind", ["rms", "plain", "l2"])
+@pytest.mark.parametrize("kind", ["rms", "plain", "l2", "l2w"])
 def test_norm_chains_fuse_into_one_op_with_the_same_values(kind):
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(2, 3, 128)) * 3).astype(np.float32)
     w = rng.normal(size=128).astype(np.float32) * 0.1
-    feeds = {"x": x, **({"w:norm.weight": w} if kind == "rms" else {})}
+    feeds = {"x": x, **({"w:norm.weight": w} if kind in ("rms", "l2w") else {})}
     model = _norm_graph(kind)
     assert fuse_rms_norms(model) == 1
     ops = [n.op_type for n in model.graph.node]
     assert ops.count(RMS_NORM_OP) == 1
-    assert not {"Pow", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Mul"} & set(ops)
+    assert not {"Pow", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal"} & set(ops)
+    assert ops.count("Mul") == (kind == "l2w")
     want = _numpy(kind, x, w)
     got = _run(model, feeds)
     assert np.abs(got - want).max() <= TOL * np.abs(want).max()

@@ -24,13 +24,12 @@ class _Index:
 
     def __init__(self, model: onnx.ModelProto):
         self.graphs = list(iter_graphs(model.graph))
-        self.producer, self.users, self.consts, self.shapes, self.types = {}, {}, {}, {}, {}
+        self.producer, self.users, self.consts, self.shapes = {}, {}, {}, {}
         for g in iter_graphs(_inferred(model).graph):
             for vi in list(g.input) + list(g.value_info) + list(g.output):
                 dims = vi.type.tensor_type.shape.dim
                 self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
                                         for d in dims]
-                self.types[vi.name] = vi.type.tensor_type.elem_type
         self.weights = set()  # stored tensors: piece weight inputs, external initializers
         for g in self.graphs:
             self.weights.update(vi.name for vi in g.input if vi.name.startswith((WEIGHT, WEIGHT_T)))
@@ -119,7 +118,8 @@ def _match(ix: _Index, recip) -> dict | None:
     chain = [sq, red, add, sqrt, recip]
     if any(ix.only_user(n.output[0]) is None for n in chain):
         return None
-    scale_mul, width = ix.only_user(mul.output[0]), None
+    mean = red.op_type == "ReduceMean"
+    scale_mul, width = (ix.only_user(mul.output[0]) if mean else None), None  # l2norm: no weight
     if scale_mul is not None and scale_mul.op_type == "Mul":
         other = [i for i in scale_mul.input if i != mul.output[0]]
         width = ix.vector_width(other[0]) if len(other) == 1 else None
@@ -128,7 +128,7 @@ def _match(ix: _Index, recip) -> dict | None:
         width = ix.last_dim(x)
     if not width:
         return None
-    return {"x": x, "eps": eps, "mean": red.op_type == "ReduceMean", "width": width,
+    return {"x": x, "eps": eps, "mean": mean, "width": width,
             "nodes": chain + [mul] + ([scale_mul] if scale_mul else []),
             "scale": other[0] if scale_mul else None,
             "out": (scale_mul or mul).output[0]}
