@@ -1,16 +1,19 @@
 """Where a decode step's time goes: ONNX Runtime's profiler on an export's decode graph.
 
     python benchmarks/profile_decode.py EXPORT [--context 1024] [--steps 16] [--threads 2]
+        [--no-profiler]
 
 Prefills a random prompt of --context tokens, runs --steps decode steps (greedy, tau < 0) with
 SessionOptions.enable_profiling, and prints kernel time per op type and the slowest nodes, per
 step. The profiler slows a step down (~45 % on the 0.8B int4 export), so read the shares.
+--no-profiler: only the median wall time of a step, the profiler off (for A/B timing).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import statistics
 import time
 
 import numpy as np
@@ -24,20 +27,29 @@ from pipo_runtime.backends.onnxruntime import OrtStepRunner
 from pipo_runtime.requests import prefill_feeds
 
 
-def profile(folder: str, context: int, steps: int, threads: int, prefix: str) -> dict:
-    """-> {"ms_per_step", "kernel_ms_per_step", "by_op": {op: ms/step}, "by_node": {...}}."""
+def profile(folder: str, context: int, steps: int, threads: int, prefix: str | None) -> dict:
+    """-> {"ms_per_step", "kernel_ms_per_step", "by_op": {op: ms/step}, "by_node": {...}};
+    prefix None: the profiler off, the runtime's own session options, -> {"ms_per_step"}
+    (the median step)."""
     m = load_manifest(folder)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = threads, 3
-    so.enable_profiling, so.profile_file_prefix = True, prefix
+    options = RunnerOptions(threads=threads)
+    if prefix:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level = threads, 3
+        so.enable_profiling, so.profile_file_prefix = True, prefix
+        options = RunnerOptions(session_options=so)
     runner = OrtStepRunner(f"{folder}/{m.graphs[PREFILL].file}", f"{folder}/{m.graphs[DECODE].file}",
-                           RunnerOptions(session_options=so))
+                           options)
     prompt = np.random.default_rng(0).integers(0, m.model.vocab_size - 1, context).tolist()
     runner.prefill(prefill_feeds([prompt], m.model.pad_token_id, SamplingParams(), -1.0, 0, [0]))
-    start = time.perf_counter()
+    times = []
     for step in range(1, steps + 1):
+        start = time.perf_counter()
         runner.decode(step_uniforms(0, [0], step))
-    ms_per_step = 1e3 * (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    if not prefix:
+        return {"ms_per_step": 1e3 * statistics.median(times)}
+    ms_per_step = 1e3 * sum(times) / steps
     path = runner.dec.end_profiling()
     runner.pre.end_profiling()
     by_op, by_node = collections.Counter(), collections.Counter()
@@ -56,8 +68,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefix", default="/tmp/pipo_profile")
+    p.add_argument("--no-profiler", action="store_true",
+                   help="time the steps with the profiler off (median ms per step)")
     a = p.parse_args()
-    r = profile(a.export, a.context, a.steps, a.threads, a.prefix)
+    r = profile(a.export, a.context, a.steps, a.threads, None if a.no_profiler else a.prefix)
+    if a.no_profiler:
+        print(f"{a.export}: {r['ms_per_step']:.2f} ms/step (median of {a.steps}, profiler off)")
+        return
     total = r["kernel_ms_per_step"]
     print(f"{a.export}: {r['ms_per_step']:.2f} ms/step with the profiler on, kernels {total:.2f}")
     for op, ms in list(r["by_op"].items())[:10]:
