@@ -7,8 +7,8 @@ The numbers come from ONNX Runtime's own block quantizer (`DefaultWeightOnlyQuan
 streamed into weights.data, so no graph with all weights is ever in memory. The graph rewrite is
 done once per traced piece: the weight input ``wT:<param>`` [K, N] feeding MatMul becomes three
 inputs ``wq:`` (packed [N, K/block, block*bits/8] uint8), ``wqs:`` (scales [N, K/block]) and,
-unless symmetric, ``wqz:`` (zero points, uint8). The embedding gather stays exact (float); a tied lm_head gets its
-own quantized copy of the transposed embedding.
+unless symmetric, ``wqz:`` (zero points, uint8). The embedding gather stays exact (float); a
+tied lm_head gets its own quantized copy of the transposed embedding.
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ class QuantSpec:
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer)
         return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-            block_size=self.block_size, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
-            bits=self.bits))
+            block_size=self.block_size, is_symmetric=self.symmetric,
+            accuracy_level=self.accuracy_level, bits=self.bits))
 
     def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """w [K, N] float32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N, K/bs] float32,

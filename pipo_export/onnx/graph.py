@@ -164,7 +164,6 @@ class GraphScope:
         return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
 
 
-
 def known_to_onnx() -> None:
     """Register the schemas of ONNX Runtime's ONNX-domain ops (pipo_graphs.contract
     .ORT_ONNX_DOMAIN_OPS) with onnx, once per process, so its checker accepts them."""

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipo_export.export.pieces import WEIGHT, WEIGHT_T
-from pipo_export.onnx.graph import iter_graphs
+from pipo_export.onnx.graph import GraphScope, iter_graphs
 
 RMS_NORM_OP = "SimplifiedLayerNormalization"  # ONNX Runtime's, in the ONNX domain (since 1)
 
@@ -33,19 +33,18 @@ class _Index:
         self.weights = set()  # stored tensors: piece weight inputs, external initializers
         for g in self.graphs:
             self.weights.update(vi.name for vi in g.input if vi.name.startswith((WEIGHT, WEIGHT_T)))
-            for t in g.initializer:
-                if t.data_location == TensorProto.EXTERNAL:
-                    self.weights.add(t.name)
-                    self.shapes[t.name] = list(t.dims)
+            scope = GraphScope(g, g.name)  # constants: initializers and Constant nodes
+            for name, const in scope.consts.items():
+                if isinstance(const, TensorProto) and const.data_location == TensorProto.EXTERNAL:
+                    self.weights.add(name)
+                    self.shapes[name] = list(const.dims)
                 else:
-                    self.consts[t.name] = numpy_helper.to_array(t)
+                    self.consts[name] = scope.const_value(name)
             for node in g.node:
                 for out in node.output:
                     self.producer[out] = (node, g)
                 for name in node.input:
                     self.users.setdefault(name, []).append(node)
-                if node.op_type == "Constant" and node.attribute[0].name == "value":
-                    self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
     def node(self, name: str, op: str):
         """The node producing `name` if it is an `op`, else None."""
