@@ -40,7 +40,7 @@ from pipo_runtime.requests import ModelFacts
 
 INSTALL = ("install it on a host with an NVIDIA GPU: pip install tensorrt-cu12 polygraphy "
            "(tensorrt-cu13 for CUDA 13; wheels come from https://pypi.nvidia.com); "
-           "see README.md, section TensorRT")
+           "see docs/tensorrt.md")
 CUDA_DEV_ATTR_CC_MAJOR, CUDA_DEV_ATTR_CC_MINOR = 75, 76
 
 
