@@ -2,6 +2,7 @@
 random numbers through every backend, compared step by step with Polygraphy's Comparator."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from pipo_graphs.tolerance import scale_of
 from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
+
+from pipo_export.cli.flags import add_sampling_flags, ids, sampling_from
 
 # outputs that must match exactly: the pair and the bookkeeping states (masks, position)
 EXACT = (PAIR, *(PRESENT + name for name in (ATTENTION_MASK, POSITION, PROMPT_MASK,
@@ -171,12 +174,27 @@ def run_compare(args: CompareArgs) -> int:
     return 0 if report["passed"] else 1
 
 
-def command(ns) -> int:
-    from pipo_export.cli.parser import sampling_from
+DEFAULTS = CompareArgs(source="", backends=list(DEFAULT_BACKENDS))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
+    p.add_argument("--backends", default=",".join(b.value for b in DEFAULTS.backends))
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--atol", type=float, default=DEFAULTS.atol)
+    p.add_argument("--rtol", type=float, default=DEFAULTS.rtol)
+    p.add_argument("--ids", type=ids, action="append", default=[],
+                   help="prompt ids (repeat for a batch); default: three built-in prompts")
+    add_sampling_flags(p, DEFAULTS.sampling)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
+
+
+def command(ns: argparse.Namespace) -> int:
     backends = [parse_backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
-    sampling = sampling_from(ns)
-    sampling.validate()
     return run_compare(CompareArgs(source=ns.source, backends=backends, steps=ns.steps,
-                                   threshold=ns.threshold, sampling=sampling, seed=ns.seed,
+                                   threshold=ns.threshold, sampling=sampling_from(ns), seed=ns.seed,
                                    atol=ns.atol, rtol=ns.rtol, prompts=ns.ids, json=ns.json,
                                    verbose=ns.verbose))

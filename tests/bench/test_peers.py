@@ -225,14 +225,14 @@ def test_options_checked_before_any_work(tmp_path):
 def test_cli_peers_flags(monkeypatch):
     from pipo_export.bench.peers import suite
     from pipo_export.cli import bench
-    from pipo_export.cli.parser import build_parser
+    from pipo_export.cli.parser import parse_args
     seen = []
     monkeypatch.setattr(suite, "run_peer_bench", lambda opts: seen.append(opts) or 0)
-    ns = build_parser().parse_args(["bench", "--peers", "--layers", "4", "--contexts", "256",
+    ns = parse_args(["bench", "--peers", "--layers", "4", "--contexts", "256",
                                     "--precisions", "fp32,int4", "--no-peer-install"])
     assert bench.command(ns) == 0
     opts = seen[0]
     assert opts.peers == ["ortgenai", "llamacpp"] and opts.threads == 2 and not opts.install
     assert opts.shape == "qwen3.5-0.8b" and opts.precisions == ["fp32", "int4"]
-    assert build_parser().parse_args(["bench", "--peers", "llamacpp"]).peers == ["llamacpp"]
-    assert build_parser().parse_args(["bench"]).peers is None
+    assert parse_args(["bench", "--peers", "llamacpp"]).peers == ["llamacpp"]
+    assert parse_args(["bench"]).peers is None
