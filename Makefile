@@ -7,12 +7,13 @@ DEMO   ?= build/demo
 
 .PHONY: venv test demo clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml graphs/pyproject.toml runtimes/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build comes from local disk; anything else pulls CUDA wheels
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# the three distributions, editable: the contract, the runtime, then the compiler
+	$(BIN)/python -m pip install -q -e graphs -e runtimes/python -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
