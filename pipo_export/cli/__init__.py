@@ -8,7 +8,8 @@ module is imported only when its command runs, so `check` and `build` never impo
 Error policy (the one place it is enforced): a PipoUserError (bad input the user can fix) prints
 one line and exits 2, so does an OS error on a path (missing, no permission, a file where a
 folder should be, full disk); Ctrl-C exits 130 and SIGTERM 143, both unwinding like Ctrl-C (temp
-folders removed); anything else is a bug in pipo-export and keeps its traceback.
+folders removed); anything else is a bug in pipo-export and keeps its traceback, BackendError
+included (a backend failing on an export that passed its checks: pipo_runtime.backends.base).
 """
 from __future__ import annotations
 

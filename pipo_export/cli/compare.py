@@ -219,7 +219,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt ids (repeat for a batch); default: three built-in prompts")
     add_sampling_flags(p, DEFAULTS.sampling)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="print Polygraphy's full error statistics")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Polygraphy's full error statistics")
 
 
 def command(ns: argparse.Namespace) -> int:
