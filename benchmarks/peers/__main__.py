@@ -1,7 +1,8 @@
 """`python -m benchmarks.peers`: the peers bench's command line (run at the repository root).
 
     python -m benchmarks.peers --peers ortgenai,llamacpp --precisions int4 --layers 4 \\
-        --contexts 1024,4096 --json benchmarks/results/peers.json --plot benchmarks/results/peers.png
+        --contexts 1024,4096 --json benchmarks/results/peers.json \\
+        --plot benchmarks/results/peers.png
 """
 from __future__ import annotations
 

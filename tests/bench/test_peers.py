@@ -1,5 +1,6 @@
-"""`bench --peers` pieces that need no peer: llama-bench JSON, the GenAI overlay, the plain
-Qwen3.5 folder, skipping a missing peer, interleaving, the report. No timed run here."""
+"""The peers bench (`python -m benchmarks.peers`), the pieces that need no peer: llama-bench
+JSON, the GenAI overlay, the plain Qwen3.5 folder, skipping a missing peer, interleaving, the
+report, the command line. No timed run here."""
 from __future__ import annotations
 
 import json
