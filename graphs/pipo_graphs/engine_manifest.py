@@ -17,10 +17,12 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from .contract import DECODE, PREFILL
+from .contract import DECODE, PREFILL, Mode
+from .dtypes import DType
 from .errors import PipoUserError
-from .manifest import Manifest, ManifestError, _check_schema, sha256_file
+from .manifest import Manifest, ManifestError, _check_schema, _extra, _Json, sha256_file
 from .seal import read_sealed
 
 ENGINES = "engines.json"
@@ -87,6 +89,64 @@ class GpuInfo:
     index: int = 0
 
 
+# ---------------------------------------------------------------------------- engines.json, typed
+@dataclass(kw_only=True)
+class EngineGpu(_Json):
+    """The GPU the engines were built on."""
+
+    name: str
+    compute_capability: str
+    extra: dict = _extra()
+
+
+@dataclass(kw_only=True)
+class EngineLimits(_Json):
+    max_batch: int
+    max_context: int  # tokens (prompt + generated)
+    max_slots: int  # cache slots (pairs, or tokens for regular exports)
+    extra: dict = _extra()
+
+
+@dataclass(kw_only=True)
+class EngineEntry(_Json):
+    """One engine file and the ONNX graph it was built from."""
+
+    file: str
+    sha256: str
+    bytes: int
+    onnx: str
+    onnx_sha256: str
+    extra: dict = _extra()
+
+
+@dataclass(kw_only=True)
+class EngineExport(_Json):
+    """The export the engines belong to."""
+
+    mode: Mode
+    dtype: DType
+    contract_version: str
+    extra: dict = _extra()
+
+
+@dataclass(kw_only=True)
+class EngineManifest(_Json):
+    """engines.json, typed: `from_json` checks every field, `dumps` writes it (build)."""
+
+    format: Literal["pipo-engines"]
+    format_version: str
+    tensorrt_version: str
+    gpu: EngineGpu
+    precision: Literal["fp32", "fp16", "bf16"]
+    strongly_typed: bool
+    limits: EngineLimits
+    profiles: list[dict[str, list[int]]]  # EngineProfile.to_json() each (engine_profiles)
+    engines: dict[str, EngineEntry]
+    export: EngineExport
+    build: dict[str, Any] | None = None  # tool versions, timing cache, created, timings
+    extra: dict = _extra()
+
+
 def select_profile(profiles: list[EngineProfile], graph: str, batch: int, length: int,
                    prefer: int | None = None) -> int:
     """Index of a profile covering (batch, length) for `graph` (length: prompt tokens for the
@@ -111,26 +171,25 @@ def prompt_slots(mode: str, prompt_tokens: int) -> int:
 def make_engine_manifest(*, tensorrt_version: str, gpu: GpuInfo, precision: str,
                          strongly_typed: bool, max_batch: int, max_context: int, max_slots: int,
                          profiles: list[EngineProfile], engines: dict, export_manifest: Manifest,
-                         extra: dict | None = None) -> dict:
-    """The engines.json document. engines: graph -> {file, sha256, bytes, onnx, onnx_sha256}."""
-    data = {
-        "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
-        "tensorrt_version": tensorrt_version,
-        "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
-        "precision": precision, "strongly_typed": strongly_typed,
-        "limits": {"max_batch": max_batch, "max_context": max_context, "max_slots": max_slots},
-        "profiles": [p.to_json() for p in profiles],
-        "engines": engines,
-        "export": {"mode": export_manifest.export.mode.value,
-                   "dtype": export_manifest.export.dtype.value,
-                   "contract_version": export_manifest.contract_version},
-    }
-    data.update(extra or {})
-    return data
+                         build: dict | None = None) -> EngineManifest:
+    """The engines.json document (write it with `.dumps()`). engines: graph -> {file, sha256,
+    bytes, onnx, onnx_sha256}; build: how it was built (tools, timings)."""
+    return EngineManifest(
+        format=ENGINE_FORMAT, format_version=ENGINE_FORMAT_VERSION,
+        tensorrt_version=tensorrt_version,
+        gpu=EngineGpu(name=gpu.name, compute_capability=gpu.compute_capability),
+        precision=precision, strongly_typed=strongly_typed,
+        limits=EngineLimits(max_batch=max_batch, max_context=max_context, max_slots=max_slots),
+        profiles=[p.to_json() for p in profiles],
+        engines={graph: EngineEntry(**entry) for graph, entry in engines.items()},
+        export=EngineExport(mode=export_manifest.export.mode,
+                            dtype=export_manifest.export.dtype,
+                            contract_version=export_manifest.contract_version),
+        build=build)
 
 
 def load_engine_manifest(folder: str | Path, export_manifest: Manifest,
-                         verify_files: bool = True) -> dict:
+                         verify_files: bool = True) -> EngineManifest:
     """Read folder/engines.json and check it against the export: schema, profiles, the ONNX
     sha256 each engine was built from (must equal the export manifest's), and (by default) the
     sha256 of every engine file. Raises EngineManifestError naming the fix."""
@@ -157,49 +216,52 @@ def load_engine_manifest(folder: str | Path, export_manifest: Manifest,
                                   f"this runtime reads {ENGINE_FORMAT_VERSION}; "
                                   + REBUILD.format(folder=folder))
     try:
-        profiles = [EngineProfile.from_json(p) for p in data["profiles"]]
+        em = EngineManifest.from_json(data, "engines")
+    except ManifestError as exc:
+        raise EngineManifestError(f"{path}: {exc}; " + REBUILD.format(folder=folder)) from None
+    try:
+        profiles = engine_profiles(em)
     except (KeyError, TypeError, ValueError) as exc:
         raise EngineManifestError(f"{path}: bad optimization profile ({exc})") from None
     if not profiles:
         raise EngineManifestError(f"{path}: no optimization profiles")
-    for graph, entry in data["engines"].items():
-        onnx_name = entry["onnx"]
-        entry_file = export_manifest.files.get(onnx_name)
+    for graph, entry in em.engines.items():
+        entry_file = export_manifest.files.get(entry.onnx)
         recorded = entry_file.sha256 if entry_file else None
-        if recorded != entry["onnx_sha256"]:
+        if recorded != entry.onnx_sha256:
             raise EngineManifestError(
-                f"{path}: {entry['file']} was built from a different {onnx_name} (sha256 "
-                f"{entry['onnx_sha256'][:12]}…, the export has {str(recorded)[:12]}…); the export "
+                f"{path}: {entry.file} was built from a different {entry.onnx} (sha256 "
+                f"{entry.onnx_sha256[:12]}…, the export has {str(recorded)[:12]}…); the export "
                 "changed since the build; " + REBUILD.format(folder=folder))
         if verify_files:
-            f = folder / entry["file"]
+            f = folder / entry.file
             if not f.is_file():
-                raise EngineManifestError(f"{folder}: engine {entry['file']} listed in {ENGINES} "
+                raise EngineManifestError(f"{folder}: engine {entry.file} listed in {ENGINES} "
                                           "is missing; " + REBUILD.format(folder=folder))
-            if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
-                raise EngineManifestError(f"{folder}: {entry['file']} does not match its sha256 "
+            if f.stat().st_size != entry.bytes or sha256_file(f) != entry.sha256:
+                raise EngineManifestError(f"{folder}: {entry.file} does not match its sha256 "
                                           f"in {ENGINES} (corrupted or swapped); "
                                           + REBUILD.format(folder=folder))
-    return data
+    return em
 
 
-def check_compatibility(data: dict, tensorrt_version: str, gpu: GpuInfo,
+def check_compatibility(data: EngineManifest, tensorrt_version: str, gpu: GpuInfo,
                         folder: str | Path = "OUT") -> list[str]:
     """Raise EngineManifestError when the engines cannot run here (another TensorRT version or
     GPU compute capability); return warnings (same architecture, another GPU model)."""
     fix = REBUILD.format(folder=folder)
-    if data["tensorrt_version"] != tensorrt_version:
-        raise EngineManifestError(f"the engines were built with TensorRT {data['tensorrt_version']}"
+    if data.tensorrt_version != tensorrt_version:
+        raise EngineManifestError(f"the engines were built with TensorRT {data.tensorrt_version}"
                                   f", this is TensorRT {tensorrt_version} (engines are tied to one "
                                   f"version); {fix}")
-    built = data["gpu"]
-    if built["compute_capability"] != gpu.compute_capability:
+    built = data.gpu
+    if built.compute_capability != gpu.compute_capability:
         raise EngineManifestError(f"the engines were built for compute capability "
-                                  f"{built['compute_capability']} ({built['name']}), this GPU is "
+                                  f"{built.compute_capability} ({built.name}), this GPU is "
                                   f"{gpu.name} (compute capability {gpu.compute_capability}); {fix}")
     out = []
-    if built["name"] != gpu.name:
-        out.append(f"the engines were built on {built['name']}, running on {gpu.name} (same compute "
+    if built.name != gpu.name:
+        out.append(f"the engines were built on {built.name}, running on {gpu.name} (same compute "
                    f"capability {gpu.compute_capability}); tactics were tuned for the other GPU, "
                    f"{fix} for best speed")
         for message in out:
@@ -207,5 +269,5 @@ def check_compatibility(data: dict, tensorrt_version: str, gpu: GpuInfo,
     return out
 
 
-def engine_profiles(data: dict) -> list[EngineProfile]:
-    return [EngineProfile.from_json(p) for p in data["profiles"]]
+def engine_profiles(data: EngineManifest) -> list[EngineProfile]:
+    return [EngineProfile.from_json(p) for p in data.profiles]

@@ -52,6 +52,9 @@ def _convert(value, tp, where: str):
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        present = [a for a in args if a is not type(None)]
+        if value is not None and len(present) == 1:  # Optional[X]: X's own, precise error
+            return _convert(value, present[0], where)
         for arg in args:
             try:
                 return _convert(value, arg, where)
@@ -104,7 +107,8 @@ def _from_json(cls, data, where: str):
 
 def _to_json(value):
     if is_dataclass(value):
-        out = {f.name: _to_json(getattr(value, f.name)) for f in fields(value) if f.name != "extra"}
+        out = {f.name: _to_json(getattr(value, f.name)) for f in fields(value) if f.name != "extra"
+               and not (f.metadata.get("optional") and getattr(value, f.name) in (None, []))}
         out.update(value.extra)
         return out
     if isinstance(value, Enum):
@@ -128,9 +132,27 @@ class _Json:
     def to_json(self) -> dict:
         return _to_json(self)
 
+    def dumps(self) -> str:
+        """The JSON text, checked first as a reader checks it (from_json of the result), so a
+        value of the wrong type fails where it is written; a misspelt field already failed in
+        the constructor. ValueError: a bug in the writer, not bad input."""
+        data = self.to_json()
+        try:
+            type(self).from_json(json.loads(json.dumps(data)))
+        except ManifestError as exc:
+            raise ValueError(f"refusing to write {type(self).__name__}: {exc}") from None
+        return json.dumps(data, indent=2)
+
 
 def _extra():
     return field(default_factory=dict, repr=False, compare=False)
+
+
+def _optional(factory=None):
+    """A field only some exports have: written only when set (not None, not empty)."""
+    if factory is None:
+        return field(default=None, metadata={"optional": True})
+    return field(default_factory=factory, metadata={"optional": True})
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -206,37 +228,20 @@ class GraphInfo(_Json):
 
 @dataclass(kw_only=True)
 class WeightsInfo(_Json):
-    """The one weights file both graphs point into."""
+    """The one weights file both graphs point into, and its weight-only quantization (`export
+    --weights`; the fields after `format` are written by quantized exports only)."""
 
     file: str
     tensors: int
     bytes: int
-    extra: dict = _extra()
-
-    # The keys below are read from `extra` (quantized exports write bits, block_size, quantized;
-    # older exports lack format) so every manifest round-trips byte for byte.
-    @property
-    def format(self) -> str:
-        """"float" or the weight-only quantization of `export --weights` ("int8", "int4")."""
-        return self.extra.get("format", "float")
-
-    @property
-    def bits(self) -> int | None:
-        return self.extra.get("bits")
-
-    @property
-    def block_size(self) -> int | None:
-        return self.extra.get("block_size")
-
-    @property
-    def symmetric(self) -> bool:
-        """No stored zero points (exports from before the option stored them: False)."""
-        return bool(self.extra.get("symmetric", False))
-
-    @property
-    def quantized(self) -> list[str]:
-        """Names of the weights stored quantized (MatMulNBits)."""
-        return list(self.extra.get("quantized", ()))
+    format: Literal["float", "int8", "int4"] = "float"  # older exports lack it: float
+    bits: int | None = _optional()
+    block_size: int | None = _optional()  # along K
+    accuracy_level: int | None = _optional()  # MatMulNBits compute
+    symmetric: bool | None = _optional()  # no stored zero points (older exports: asymmetric)
+    quantized: list[str] = _optional(list)  # weights stored quantized (MatMulNBits)
+    accuracy: dict[str, Any] | None = _optional()  # against a float32 twin (export.accuracy)
+    extra: dict = _extra()  # "float": the weights a quantized export keeps in float
 
 
 @dataclass(kw_only=True)

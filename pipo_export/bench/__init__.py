@@ -1,4 +1,4 @@
-"""`pipo-export bench` (run, measure) and `bench --peers` (peers/)."""
+"""`pipo-export bench` (run, measure); the peers bench lives in benchmarks/peers (not shipped)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,7 +14,6 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +23,11 @@ from pipo_graphs.manifest import MANIFEST, load_manifest
 from pipo_runtime import PipoSession
 
 from pipo_export.bench import folder_bytes
+from pipo_export.bench.options import BenchOptions
 from pipo_export.bench.measure import (Latency, cache_bytes, decode_bytes, memory_bandwidth_gbs, run_hf,
                             run_session)
 
 METHODS = ("pipo", "pipo_gated", "regular", "hf_eager")
-
-
-@dataclass
-class BenchOptions:
-    shape: str = "tiny"
-    layers: int | None = None
-    contexts: list[int] = field(default_factory=lambda: [1024, 4096])
-    new_tokens: int = 32
-    repeats: int = 3
-    threshold: float = 0.5  # the gated PIPO run
-    threads: int = 0
-    workdir: str = "build/bench"
-    json_file: str | None = None
-    plot_file: str | None = None
-    rebuild: bool = False
-    seed: int = 0
 
 
 def log(text: str) -> None:

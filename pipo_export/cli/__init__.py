@@ -1,4 +1,6 @@
-"""The `pipo-export` command line: one module per command, each with `command(ns) -> exit code`.
+"""The `pipo-export` command line: one module per command, each with `add_arguments(parser)` (its
+flags) and `command(args) -> exit code`, listed in cli.parser.COMMANDS; cli.flags holds the flag
+groups several commands share.
 
 Flags become typed dataclasses in the command modules; nothing past them sees argparse. A command
 module is imported only when its command runs, so `check` and `build` never import torch.
@@ -6,12 +8,12 @@ module is imported only when its command runs, so `check` and `build` never impo
 Error policy (the one place it is enforced): a PipoUserError (bad input the user can fix) prints
 one line and exits 2, so does an OS error on a path (missing, no permission, a file where a
 folder should be, full disk); Ctrl-C exits 130 and SIGTERM 143, both unwinding like Ctrl-C (temp
-folders removed); anything else is a bug in pipo-export and keeps its traceback.
+folders removed); anything else is a bug in pipo-export and keeps its traceback, BackendError
+included (a backend failing on an export that passed its checks: pipo_runtime.backends.base).
 """
 from __future__ import annotations
 
 import errno
-import importlib
 import signal
 import sys
 import threading
@@ -33,7 +35,6 @@ OS_FIXES = {
     errno.ELOOP: "the path has a symlink loop: check the path",
     errno.EIO: "the disk reported an I/O error: check the disk or copy the files elsewhere",
 }
-COMMANDS = ("inspect", "merge", "tiny", "export", "check", "build", "compare", "bench", "run")
 
 
 class Terminated(KeyboardInterrupt):
@@ -45,9 +46,9 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipo_export.cli.parser import build_parser
+    from pipo_export.cli.parser import parse_args
 
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is not threading.main_thread():
         return _command(ns)  # signal handlers belong to the main thread
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(ns) -> int:
+    from pipo_export.cli.parser import command_module
+
     try:
-        return importlib.import_module(f"pipo_export.cli.{ns.command}").command(ns)
+        return command_module(ns.command).command(ns)
     except PipoUserError as exc:
         print(f"pipo-export: error: {exc}", file=sys.stderr)
         return 2

@@ -1,27 +1,43 @@
-"""`pipo-export bench`: PIPO against regular decoding and transformers eager (random weights);
-with --peers, PIPO and regular decoding per precision against ONNX Runtime GenAI and llama.cpp."""
+"""`pipo-export bench`: PIPO against regular decoding and transformers eager (random weights).
+The comparison against ONNX Runtime GenAI and llama.cpp is not shipped: `python -m
+benchmarks.peers` in a checkout."""
 from __future__ import annotations
 
+import argparse
 
-def command(ns) -> int:
-    if ns.peers is not None:
-        from pipo_export.bench.peers.suite import PeerBenchOptions, run_peer_bench
+from pipo_export.bench.options import BENCH_SHAPES, BenchOptions
+from pipo_export.cli.flags import ids
 
-        defaults = PeerBenchOptions()
-        return run_peer_bench(PeerBenchOptions(
-            shape=ns.shape or defaults.shape, layers=ns.layers, contexts=ns.contexts,
-            new_tokens=ns.new_tokens, repeats=ns.repeats,
-            threads=defaults.threads if ns.threads is None else ns.threads,
-            precisions=ns.precisions, block_size=ns.block_size, peers=ns.peers,
-            genai_precisions=ns.genai_precisions, gguf_types=ns.gguf_types,
-            peer_root=ns.peer_root, install=not ns.no_peer_install, wait_idle=ns.wait_idle,
-            retries=ns.retries, workdir=ns.workdir, json_file=ns.json_file,
-            plot_file=ns.plot_file, rebuild=ns.rebuild))
-    from pipo_export.bench.run import BenchOptions, run_bench
+DEFAULTS = BenchOptions()
 
-    return run_bench(BenchOptions(shape=ns.shape or BenchOptions().shape, layers=ns.layers,
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=BENCH_SHAPES, default=DEFAULTS.shape)
+    p.add_argument("--layers", type=int, default=DEFAULTS.layers,
+                   help="cut the model to its first N layers")
+    p.add_argument("--contexts", type=ids, default=DEFAULTS.contexts,
+                   help="prompt lengths in tokens, comma-separated (default "
+                        f"{','.join(map(str, DEFAULTS.contexts))})")
+    p.add_argument("--new-tokens", type=int, default=DEFAULTS.new_tokens,
+                   help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=DEFAULTS.repeats,
+                   help="measured rounds (after one warm-up round)")
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                   help="tau of the gated PIPO run")
+    p.add_argument("--threads", type=int, default=DEFAULTS.threads,
+                   help="ONNX Runtime intra-op threads (default 0: ONNX Runtime's default)")
+    p.add_argument("--workdir", default=DEFAULTS.workdir,
+                   help="where checkpoints and exports are written and reused")
+    p.add_argument("--rebuild", action="store_true", help="export again even if present")
+    p.add_argument("--json", dest="json_file", default=None, metavar="FILE")
+    p.add_argument("--plot", dest="plot_file", default=None, metavar="FILE.png")
+
+
+def command(ns: argparse.Namespace) -> int:
+    from pipo_export.bench.run import run_bench
+    return run_bench(BenchOptions(shape=ns.shape, layers=ns.layers,
                                   contexts=ns.contexts, new_tokens=ns.new_tokens,
                                   repeats=ns.repeats, threshold=ns.threshold,
-                                  threads=ns.threads or 0, workdir=ns.workdir,
+                                  threads=ns.threads, workdir=ns.workdir,
                                   rebuild=ns.rebuild, json_file=ns.json_file,
                                   plot_file=ns.plot_file))

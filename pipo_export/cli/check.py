@@ -1,12 +1,13 @@
 """`pipo-export check OUT`: verify an export folder without running it (no torch)."""
 from __future__ import annotations
 
+import argparse
 import json
-
-from pipo_export.onnx.check import check_export
 
 
 def run_check(folder: str, as_json: bool = False) -> int:
+    from pipo_export.onnx.check import check_export
+
     report = check_export(folder)
     if as_json:
         print(json.dumps({"ok": report.ok, "checks": [
@@ -18,5 +19,10 @@ def run_check(folder: str, as_json: bool = False) -> int:
     return 0 if report.ok else 1
 
 
-def command(ns) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true")
+
+
+def command(ns: argparse.Namespace) -> int:
     return run_check(ns.out, ns.json)

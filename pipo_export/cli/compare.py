@@ -1,7 +1,9 @@
-"""`pipo-export compare SOURCE --backends torch,onnxruntime,onnx-reference`: the same prompts and
-random numbers through every backend, compared step by step with Polygraphy's Comparator."""
+"""`pipo-export compare SOURCE [--backends torch,onnxruntime,onnx-reference]`: the same prompts
+and random numbers through every backend, compared step by step with Polygraphy's Comparator.
+By default, every backend that can run the export in hand (default_backends)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -12,25 +14,26 @@ import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import ATTENTION_MASK, CONFIDENCE, OUTPUT_MASK, PAIR, POSITION, PRESENT, \
-    PROMPT_MASK
+    PROMPT_MASK, TARGET_CAPS
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import MANIFEST
+from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
 from pipo_graphs.tolerance import scale_of
 from pipo_runtime.backends import Backend, parse_backend
 from pipo_runtime.requests import check_request, prefill_feeds
 from pipo_runtime.session import PipoSession
 
+from pipo_export.cli.flags import add_sampling_flags, ids, sampling_from
+
 # outputs that must match exactly: the pair and the bookkeeping states (masks, position)
 EXACT = (PAIR, *(PRESENT + name for name in (ATTENTION_MASK, POSITION, PROMPT_MASK,
                                               OUTPUT_MASK)))
 DEFAULT_PROMPTS = ([5, 17, 300], list(range(40, 51)), list(range(7, 140)))
-DEFAULT_BACKENDS = (Backend.TORCH, Backend.ONNXRUNTIME, Backend.ONNX_REFERENCE)  # --backends
 
 
 @dataclass
 class CompareArgs:
     source: str
-    backends: list[Backend]
+    backends: list[Backend] | None = None  # None: default_backends of the export
     steps: int = 8
     threshold: float = 0.5
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
@@ -57,22 +60,49 @@ def record(session: PipoSession, prompts, args: CompareArgs) -> list[dict]:
     return steps
 
 
+def default_backends(manifest: Manifest, checkpoint: str | None = None) -> list[Backend]:
+    """The backends that can run an export: torch when its source checkpoint (or `checkpoint`)
+    is there, onnxruntime, and onnx-reference for a target whose graphs hold standard ops only
+    (onnx's reference evaluator cannot run ONNX Runtime's contrib ops)."""
+    source = checkpoint or manifest.export.source
+    backends = [Backend.TORCH] if source and Path(source).is_dir() else []
+    backends.append(Backend.ONNXRUNTIME)
+    if TARGET_CAPS[manifest.export.target].standard_ops_only:
+        backends.append(Backend.ONNX_REFERENCE)
+    return backends
+
+
+def chosen_backends(folder: Path, args: CompareArgs, checkpoint: str | None) -> list[Backend]:
+    """--backends, or the defaults; checked before anything runs (one-line PipoUserError)."""
+    manifest = load_manifest(folder)
+    backends = args.backends or default_backends(manifest, checkpoint)
+    if len(backends) < 2:
+        raise PipoUserError("compare needs at least two backends, e.g. --backends torch,onnxruntime"
+                            + ("" if args.backends else f" (only {backends[0].value} can run "
+                               f"{folder}: torch needs its source checkpoint)"))
+    if Backend.ONNX_REFERENCE in backends:
+        from pipo_runtime.backends.onnx_reference import check_standard_ops
+        check_standard_ops(folder, manifest)
+    return backends
+
+
 def compare(folder: Path, args: CompareArgs, checkpoint: str | None = None) -> dict:
     from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.INFO if args.verbose else G_LOGGER.CRITICAL
+    backends = chosen_backends(folder, args, checkpoint)
     prompts = args.prompts or [list(p) for p in DEFAULT_PROMPTS]
     runs = {}
     pad = None
-    for backend in args.backends:
+    for backend in backends:
         print(f"running {backend.value} ...", file=sys.stderr, flush=True)
         session = PipoSession.load(folder, backend=backend, checkpoint=checkpoint)
         runs[backend.value] = record(session, prompts, args)
         pad = session.facts.pad_id
         session.close()
-    ref_name = args.backends[0].value
+    ref_name = backends[0].value
     atol = scaled_atol(runs[ref_name], args.atol)
     exact = {name: 0.0 for name in EXACT}
     compare_func = SimpleCompareFunc(atol={**atol, **exact}, rtol={"": args.rtol, **exact},
@@ -153,7 +183,7 @@ def run_compare(args: CompareArgs) -> int:
     source = Path(args.source)
     if not source.is_dir():
         raise PipoUserError(f"{source}: no such folder (give an export or a checkpoint folder)")
-    if len(args.backends) < 2:
+    if args.backends is not None and len(args.backends) < 2:
         raise PipoUserError("compare needs at least two backends, e.g. --backends torch,onnxruntime")
     if (source / MANIFEST).is_file():
         report = compare(source, args)
@@ -171,12 +201,32 @@ def run_compare(args: CompareArgs) -> int:
     return 0 if report["passed"] else 1
 
 
-def command(ns) -> int:
-    from pipo_export.cli.parser import sampling_from
-    backends = [parse_backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
-    sampling = sampling_from(ns)
-    sampling.validate()
+DEFAULTS = CompareArgs(source="")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="export folder (or a checkpoint, exported to a temp folder)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated, the first is the reference (default: torch when the "
+                        "source checkpoint is there, onnxruntime, and onnx-reference for a "
+                        "standard-op --target tensorrt export)")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--atol", type=float, default=DEFAULTS.atol)
+    p.add_argument("--rtol", type=float, default=DEFAULTS.rtol)
+    p.add_argument("--ids", type=ids, action="append", default=[],
+                   help="prompt ids (repeat for a batch); default: three built-in prompts")
+    add_sampling_flags(p, DEFAULTS.sampling)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Polygraphy's full error statistics")
+
+
+def command(ns: argparse.Namespace) -> int:
+    backends = None if ns.backends is None else \
+        [parse_backend(b.strip()) for b in ns.backends.split(",") if b.strip()]
     return run_compare(CompareArgs(source=ns.source, backends=backends, steps=ns.steps,
-                                   threshold=ns.threshold, sampling=sampling, seed=ns.seed,
+                                   threshold=ns.threshold, sampling=sampling_from(ns), seed=ns.seed,
                                    atol=ns.atol, rtol=ns.rtol, prompts=ns.ids, json=ns.json,
                                    verbose=ns.verbose))

@@ -1,16 +1,14 @@
 """`pipo-export inspect CKPT`: what the loader finds in a checkpoint folder."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipo_export.model.adapters import is_adapter_folder
-from pipo_export.model.checkpoint import CheckpointLayout, open_checkpoint
-from pipo_export.model.config import load_config
-from pipo_export.model.source import SafetensorsSource
+from pipo_export.cli.flags import add_source_flags
 from pipo_export.errors import PipoError
 
 
@@ -33,6 +31,11 @@ def module_of(key: str) -> str:
 def inspect_report(path: str, base: str | None = None) -> dict:
     """What the loader finds: layout, dims, parameter counts per module, problems (names,
     shapes, missing modules); reads no weight."""
+    from pipo_export.model.adapters import is_adapter_folder
+    from pipo_export.model.checkpoint import CheckpointLayout, open_checkpoint
+    from pipo_export.model.config import load_config
+    from pipo_export.model.source import SafetensorsSource
+
     problems, counts = [], Counter()
     try:
         cfg, source, layout = open_checkpoint(path, base)
@@ -96,5 +99,10 @@ def run_inspect(args: InspectArgs) -> int:
     return 1 if report["problems"] else 0
 
 
-def command(ns) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_source_flags(p)
+    p.add_argument("--json", action="store_true")
+
+
+def command(ns: argparse.Namespace) -> int:
     return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json, base=ns.base))

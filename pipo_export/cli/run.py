@@ -4,6 +4,7 @@ Every backend goes through PipoSession's loop: an export folder on any backend, 
 folder (or a PEFT adapter folder with --base) on the torch backend."""
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from pipo_runtime.backends.base import RunnerOptions
 from pipo_runtime.session import DEFAULT_MAX_STEPS
 from pipo_runtime.text import result_dict
 
+from pipo_export.cli.flags import DTYPES, add_backend_flags, add_generation_flags, \
+    add_source_flags, backend_from, max_steps_from, providers_from, sampling_from
 from pipo_export.errors import PipoError
 
 
@@ -117,16 +120,24 @@ def run(args: RunArgs) -> int:
     return 0
 
 
-def command(ns) -> int:
-    from pipo_export.cli.parser import sampling_from
-    sampling = sampling_from(ns)
-    sampling.validate()
-    max_steps = ns.max_steps
-    if max_steps is None and ns.max_new_tokens is None:
-        max_steps = DEFAULT_MAX_STEPS
-    return run(RunArgs(source=ns.source, backend=Backend(ns.backend) if ns.backend else None,
-                       ids=ns.ids, prompts=ns.prompt, max_steps=max_steps,
-                       max_new_tokens=ns.max_new_tokens, stop_token_ids=tuple(ns.stop_token_ids),
-                       stop_strings=tuple(ns.stop), threshold=ns.threshold, sampling=sampling,
-                       seed=ns.seed, base=ns.base, dtype=ns.dtype, json=ns.json,
-                       stream=ns.stream, providers=ns.providers.split(","), threads=ns.threads))
+DEFAULTS = RunArgs(source="")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_source_flags(p, "source", help="checkpoint folder, PEFT adapter folder (with --base) or "
+                                       "export folder")
+    add_backend_flags(p, "default: torch for a checkpoint, onnxruntime for an export")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
+                   help="torch backend dtype")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    add_generation_flags(p, DEFAULTS.threshold, DEFAULTS.sampling, DEFAULTS.seed)
+
+
+def command(ns: argparse.Namespace) -> int:
+    return run(RunArgs(source=ns.source, backend=backend_from(ns), ids=ns.ids, prompts=ns.prompt,
+                       max_steps=max_steps_from(ns), max_new_tokens=ns.max_new_tokens,
+                       stop_token_ids=tuple(ns.stop_token_ids), stop_strings=tuple(ns.stop),
+                       threshold=ns.threshold, sampling=sampling_from(ns), seed=ns.seed,
+                       base=ns.base, dtype=ns.dtype, json=ns.json, stream=ns.stream,
+                       providers=providers_from(ns), threads=ns.threads))

@@ -12,11 +12,11 @@ The folder is built in a temporary sibling and renamed at the end (pipo_export.f
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -25,7 +25,8 @@ import torch
 from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
     PRESENT, TARGET_CAPS, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
-from pipo_graphs.manifest import MANIFEST, file_entries
+from pipo_graphs.manifest import MANIFEST, ExportInfo, FileEntry, GraphInfo, Manifest, ModelInfo, \
+    StateInfo, TensorInfo, WeightsInfo, file_entries
 from pipo_graphs.seal import write_sealed
 from pipo_runtime.text import TOKENIZER_FILES
 
@@ -185,7 +186,7 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
     return model
 
 
-def export(opts: ExportOptions) -> dict:
+def export(opts: ExportOptions) -> Manifest:
     check_options(opts)
     t0 = progress(1, f"opening checkpoint {opts.checkpoint}"
                   + (f" over base {opts.base}" if opts.base else ""))
@@ -245,18 +246,20 @@ def export(opts: ExportOptions) -> dict:
         for name in copied:
             shutil.copy2(tokenizer_dir / name, tmp / name)
         timings["total_s"] = time.perf_counter() - t0
-        stored = {"tensors": len(weights), "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
-                  "format": opts.weights}
+        stored = WeightsInfo(file=WEIGHTS_FILE, tensors=len(weights),
+                             bytes=(tmp / WEIGHTS_FILE).stat().st_size, format=opts.weights)
         if quant is not None:
-            stored.update(bits=quant.bits, block_size=quant.block_size,
-                          accuracy_level=quant.accuracy_level, symmetric=quant.symmetric,
-                          quantized=sorted(reader.quantized), accuracy=stored_accuracy,
-                          float=sorted({reader.base(n) for n in names} - reader.quantized))
-        manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts, max_context, io, states,
-                                  stored, timings, validation, (prefill_spec, decode_spec))
-        manifest["files"] = file_entries(tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied])
-        write_sealed(tmp / MANIFEST, json.dumps(manifest, indent=2))
-    log(f"wrote {opts.out}: {stored['tensors']} weight tensors, {stored['bytes']:,} bytes in "
+            stored = replace(stored, bits=quant.bits, block_size=quant.block_size,
+                             accuracy_level=quant.accuracy_level, symmetric=quant.symmetric,
+                             quantized=sorted(reader.quantized), accuracy=stored_accuracy)
+            stored.extra = {"float": sorted({reader.base(n) for n in names} - reader.quantized)}
+        manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts,
+                                  max_context, io, states, stored, timings, validation,
+                                  (prefill_spec, decode_spec))
+        manifest.files = {name: FileEntry(**entry) for name, entry in file_entries(
+            tmp, [*GRAPH_FILES.values(), WEIGHTS_FILE, *copied]).items()}
+        write_sealed(tmp / MANIFEST, manifest.dumps())
+    log(f"wrote {opts.out}: {stored.tensors} weight tensors, {stored.bytes:,} bytes in "
         f"{WEIGHTS_FILE}; {timings['total_s']:.1f}s")
     return manifest
 
@@ -303,34 +306,37 @@ def _as_written(path: Path, spec) -> list[dict]:
     return out
 
 
-def build_manifest(cfg, dims, source, names, opts, max_context, io, states, stored, timings,
-                   validation, specs) -> dict:
-    import math
-    return {
-        "format": "pipo-export",
-        "contract_version": CONTRACT_VERSION,
-        "model": {"vocab_size": dims.vocab_size, "hidden_size": dims.hidden_size,
-                  "layer_types": dims.layer_types, "num_key_value_heads": dims.num_key_value_heads,
-                  "head_dim": dims.head_dim, "conv_dim": dims.conv_dim,
-                  "conv_kernel": dims.conv_kernel,
-                  "linear_num_value_heads": dims.linear_num_value_heads,
-                  "linear_key_head_dim": dims.linear_key_head_dim,
-                  "linear_value_head_dim": dims.linear_value_head_dim,
-                  "pad_token_id": cfg.pad_token_id, "eos_token_ids": cfg.eos_token_ids,
-                  "compressor_type": cfg.compressor_type.value, "max_context": max_context,
-                  "parameters": sum(math.prod(source.shape(n)) for n in names)},
-        "export": {"mode": opts.mode.value, "target": opts.target.value, "dtype": opts.dtype.value,
-                   "opset": opts.opset, "sample_cap": min(opts.sample_cap, dims.vocab_size),
-                   "tool_versions": tool_versions(),
-                   "source": str(Path(opts.checkpoint).resolve()),
-                   "base": str(Path(opts.base).resolve()) if opts.base else None,
-                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   "timings": timings, "validation": validation},
-        "graphs": {g: {"file": GRAPH_FILES[g],
-                       "inputs": [t for t in io[g] if t["name"] in set(spec.input_names)],
-                       "outputs": [t for t in io[g] if t["name"] in set(spec.output_names)]}
-                   for g, spec in ((PREFILL, specs[0]), (DECODE, specs[1]))},
-        "weights": {"file": WEIGHTS_FILE, **stored},
-        "states": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "layer": s.layer,
-                    "kind": s.kind} for s in states],
-    }
+def build_manifest(cfg, dims, source, names, opts, max_context, io, states,
+                   stored: WeightsInfo, timings, validation, specs) -> Manifest:
+    """The typed manifest (pipo_graphs.manifest): a misspelt field fails here, a value of the
+    wrong type in Manifest.dumps; `files` is filled once every file is written."""
+    def tensors(graph: str, wanted) -> list[TensorInfo]:
+        return [TensorInfo(**t) for t in io[graph] if t["name"] in set(wanted)]
+
+    return Manifest(
+        format="pipo-export",
+        contract_version=CONTRACT_VERSION,
+        model=ModelInfo(
+            vocab_size=dims.vocab_size, hidden_size=dims.hidden_size,
+            layer_types=list(dims.layer_types), num_key_value_heads=dims.num_key_value_heads,
+            head_dim=dims.head_dim, conv_dim=dims.conv_dim, conv_kernel=dims.conv_kernel,
+            linear_num_value_heads=dims.linear_num_value_heads,
+            linear_key_head_dim=dims.linear_key_head_dim,
+            linear_value_head_dim=dims.linear_value_head_dim,
+            pad_token_id=cfg.pad_token_id, eos_token_ids=list(cfg.eos_token_ids),
+            compressor_type=cfg.compressor_type.value, max_context=max_context,
+            parameters=sum(math.prod(source.shape(n)) for n in names)),
+        export=ExportInfo(
+            mode=opts.mode, target=opts.target, dtype=opts.dtype, opset=opts.opset,
+            sample_cap=min(opts.sample_cap, dims.vocab_size), tool_versions=tool_versions(),
+            source=str(Path(opts.checkpoint).resolve()),
+            base=str(Path(opts.base).resolve()) if opts.base else None,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            timings=timings, validation=validation),
+        graphs={g: GraphInfo(file=GRAPH_FILES[g], inputs=tensors(g, spec.input_names),
+                             outputs=tensors(g, spec.output_names))
+                for g, spec in ((PREFILL, specs[0]), (DECODE, specs[1]))},
+        weights=stored,
+        states=[StateInfo(name=s.name, dtype=s.dtype, shape=list(s.shape), layer=s.layer,
+                          kind=s.kind) for s in states],
+        files={})

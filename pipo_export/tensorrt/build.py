@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipo_graphs.contract import DECODE, PREFILL, Target
-from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, make_engine_manifest
+from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, EngineManifest, make_engine_manifest
 from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
 from pipo_graphs.seal import seal_path, write_sealed
 
@@ -121,7 +121,7 @@ def _publish(tmp: Path, folder: Path, names: list[str]) -> None:
     os.replace(tmp / ENGINES, folder / ENGINES)
 
 
-def build(opts: BuildOptions) -> dict:
+def build(opts: BuildOptions) -> EngineManifest:
     """Build both engines and engines.json in opts.folder; -> the engine manifest."""
     folder = Path(opts.folder)
     manifest = load_manifest(folder)
@@ -186,11 +186,10 @@ def build(opts: BuildOptions) -> dict:
             strongly_typed=strongly_typed, max_batch=limits.max_batch,
             max_context=limits.max_context, max_slots=limits.max_slots, profiles=profiles,
             engines=engines, export_manifest=manifest,
-            extra={"build": {"tool_versions": _versions(trt), "timing_cache": opts.timing_cache,
-                             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                             "timings": timings}})
-        import json
-        write_sealed(tmp / ENGINES, json.dumps(em, indent=2))
+            build={"tool_versions": _versions(trt), "timing_cache": opts.timing_cache,
+                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "timings": timings})
+        write_sealed(tmp / ENGINES, em.dumps())
         _publish(tmp, folder, list(ENGINE_FILES.values()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

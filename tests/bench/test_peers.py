@@ -1,5 +1,6 @@
-"""`bench --peers` pieces that need no peer: llama-bench JSON, the GenAI overlay, the plain
-Qwen3.5 folder, skipping a missing peer, interleaving, the report. No timed run here."""
+"""The peers bench (`python -m benchmarks.peers`), the pieces that need no peer: llama-bench
+JSON, the GenAI overlay, the plain Qwen3.5 folder, skipping a missing peer, interleaving, the
+report, the command line. No timed run here."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pipo_export.bench.peers import BUSY_CORES, PeerUnavailable, Sample
+from benchmarks.peers import BUSY_CORES, PeerUnavailable, Sample
 
 LLAMA_ROW = {"build_commit": "0c1e570", "model_type": "qwen35 ?B F16", "model_size": 12585216,
              "model_n_params": 6271552, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2,
@@ -17,7 +18,7 @@ LLAMA_ROW = {"build_commit": "0c1e570", "model_type": "qwen35 ?B F16", "model_si
 
 
 def test_parse_llama_bench_json():
-    from pipo_export.bench.peers.llamacpp import parse_bench, sample_from
+    from benchmarks.peers.llamacpp import parse_bench, sample_from
     prefill = parse_bench(json.dumps([LLAMA_ROW]))
     assert prefill["samples_ns"] == [78469521] and prefill["n_prompt"] == 256
     assert "stddev_ts" not in prefill  # only the fields the report keeps
@@ -33,8 +34,8 @@ def test_parse_llama_bench_json():
 
 
 def test_genai_overlay_and_builder_options():
-    from pipo_export.bench.peers.ortgenai import builder_options
-    from pipo_export.bench.peers.ortgenai_child import overlay
+    from benchmarks.peers.ortgenai import builder_options
+    from benchmarks.peers.ortgenai_child import overlay
     layer = overlay(2)
     assert layer == {"model": {"decoder": {"session_options": {
         "intra_op_num_threads": 2, "inter_op_num_threads": 1}}}}
@@ -58,7 +59,7 @@ def test_hf_folder_from_tiny_checkpoint(tiny_pipo, tmp_path):
     from safetensors import safe_open
     from tokenizers import Tokenizer
 
-    from pipo_export.bench.peers.hf_folder import write_hf_folder
+    from benchmarks.peers.hf_folder import write_hf_folder
     hf = write_hf_folder(tiny_pipo, tmp_path / "hf", shard_bytes=200_000)
     index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
     keys = set(index["weight_map"])
@@ -95,7 +96,7 @@ def test_hf_folder_from_tiny_checkpoint(tiny_pipo, tmp_path):
 
 
 def test_hf_folder_refuses_a_flat_checkpoint(tmp_path):
-    from pipo_export.bench.peers.hf_folder import base_config
+    from benchmarks.peers.hf_folder import base_config
     from pipo_graphs.errors import PipoUserError
     with pytest.raises(PipoUserError, match="multimodal layout"):
         base_config({"model_type": "qwen3_5_text", "vocab_size": 320}, has_mtp=False)
@@ -104,7 +105,7 @@ def test_hf_folder_refuses_a_flat_checkpoint(tmp_path):
 @pytest.mark.parametrize("peer,label", [("ortgenai", "onnxruntime-genai"),
                                         ("llamacpp", "llama.cpp")])
 def test_missing_peer_is_skipped_with_one_line(tmp_path, capsys, peer, label):
-    from pipo_export.bench.peers.suite import PeerBenchOptions, peer_methods
+    from benchmarks.peers.suite import PeerBenchOptions, peer_methods
     skipped: list = []
     opts = PeerBenchOptions(peer_root=str(tmp_path / "missing"), install=False)
     methods, info = peer_methods(peer, tmp_path / "hf", tmp_path, opts, skipped)
@@ -115,13 +116,13 @@ def test_missing_peer_is_skipped_with_one_line(tmp_path, capsys, peer, label):
 
 
 def test_failed_install_raises_peer_unavailable(tmp_path):
-    from pipo_export.bench.peers.venvs import SetupOptions, ensure_ortgenai
+    from benchmarks.peers.venvs import SetupOptions, ensure_ortgenai
     with pytest.raises(PeerUnavailable, match="creating venv"):
         ensure_ortgenai(SetupOptions(tmp_path, base_python=str(tmp_path / "no-python")))
 
 
 def _method(key, peer, calls, fail=False):
-    from pipo_export.bench.peers.suite import Method
+    from benchmarks.peers.suite import Method
 
     def run(prompt, n):
         calls.append(key)
@@ -132,7 +133,7 @@ def _method(key, peer, calls, fail=False):
 
 
 def test_rounds_interleave_and_drop_a_failing_peer(capsys):
-    from pipo_export.bench.peers.suite import PeerBenchOptions, run_rounds
+    from benchmarks.peers.suite import PeerBenchOptions, run_rounds
     calls: list = []
     methods = [_method("pipo-fp32", False, calls), _method("regular-fp32", False, calls),
                _method("ortgenai-int4", True, calls, fail=True)]
@@ -149,7 +150,7 @@ def test_rounds_interleave_and_drop_a_failing_peer(capsys):
 
 
 def test_disturbed_measurement_is_retried_and_flagged():
-    from pipo_export.bench.peers.suite import Method, PeerBenchOptions, measure_clean
+    from benchmarks.peers.suite import Method, PeerBenchOptions, measure_clean
     loads = iter([0.9, 0.5])
     method = Method("llamacpp-f16", "llama.cpp", "f16", "x", 1,
                     lambda p, n: Sample(1.0, 1.0, cpu_others=next(loads)), peer=True)
@@ -158,8 +159,8 @@ def test_disturbed_measurement_is_retried_and_flagged():
 
 
 def test_report_table_bounds_and_flags():
-    from pipo_export.bench.peers import report
-    from pipo_export.bench.peers.suite import Method, PeerBenchOptions
+    from benchmarks.peers import report
+    from benchmarks.peers.suite import Method, PeerBenchOptions
     opts = PeerBenchOptions(contexts=[256], repeats=2, new_tokens=16)
     keys = ["pipo-int4", "regular-int4", "llamacpp-Q4_K_M", "ortgenai-int4"]
     methods = [Method(k, {"pipo": "pipo-export PIPO", "regular": "pipo-export regular"}.get(
@@ -211,8 +212,8 @@ def test_decode_bytes_counts_quantized_weights():
 
 
 def test_options_checked_before_any_work(tmp_path):
-    from pipo_export.bench.peers.ours import needed_context
-    from pipo_export.bench.peers.suite import PeerBenchOptions, check
+    from benchmarks.peers.ours import needed_context
+    from benchmarks.peers.suite import PeerBenchOptions, check
     from pipo_graphs.errors import PipoUserError
     assert needed_context([1024, 4096], 32) == 5120 and needed_context([255], 16) == 1024
     for bad, match in ((dict(shape="tiny"), "released-layout"),
@@ -223,16 +224,28 @@ def test_options_checked_before_any_work(tmp_path):
 
 
 def test_cli_peers_flags(monkeypatch):
-    from pipo_export.bench.peers import suite
-    from pipo_export.cli import bench
-    from pipo_export.cli.parser import build_parser
+    from benchmarks.peers import __main__ as cli
     seen = []
-    monkeypatch.setattr(suite, "run_peer_bench", lambda opts: seen.append(opts) or 0)
-    ns = build_parser().parse_args(["bench", "--peers", "--layers", "4", "--contexts", "256",
-                                    "--precisions", "fp32,int4", "--no-peer-install"])
-    assert bench.command(ns) == 0
+    monkeypatch.setattr(cli, "run_peer_bench", lambda opts: seen.append(opts) or 0)
+    assert cli.main(["--peers", "--layers", "4", "--contexts", "256",
+                     "--precisions", "fp32,int4", "--no-peer-install"]) == 0
     opts = seen[0]
     assert opts.peers == ["ortgenai", "llamacpp"] and opts.threads == 2 and not opts.install
     assert opts.shape == "qwen3.5-0.8b" and opts.precisions == ["fp32", "int4"]
-    assert build_parser().parse_args(["bench", "--peers", "llamacpp"]).peers == ["llamacpp"]
-    assert build_parser().parse_args(["bench"]).peers is None
+    assert cli.build_parser().parse_args(["--peers", "llamacpp"]).peers == ["llamacpp"]
+    assert cli.build_parser().parse_args([]).peers == ["ortgenai", "llamacpp"]
+
+
+def test_bench_command_has_no_peers():
+    """`pipo-export bench` (shipped) no longer takes the peers' flags."""
+    from pipo_export.cli.parser import parse_args
+    assert parse_args(["bench"]).shape == "tiny"
+    with pytest.raises(SystemExit):
+        parse_args(["bench", "--peers"])
+
+
+def test_peers_error_is_one_line(tmp_path, capsys):
+    from benchmarks.peers.__main__ import main
+    assert main(["--shape", "tiny", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "released-layout" in err[0]

@@ -316,7 +316,7 @@ CASES = {
     "seed beyond uint64": (_request("--ids", "5", "--seed", str(N)), "seed"),
     "stop id outside vocab": (_request("--ids", "5", "--stop-token-ids", "9999"), "9999"),
     "backend unknown": (_request("--ids", "5", "--backend", "tflite"), "--backend"),
-    "provider unavailable": (_request("--ids", "5", "--providers", "cuda"), "providers"),
+    "provider unavailable": (_request("--ids", "5", "--providers", "cuda"), "onnxruntime-gpu"),
     "threads negative": (_request("--ids", "5", "--threads", "-1"), "threads"),
     # -------------------------------------------------------------- output folders
     "output exists": (_tiny_out(_existing), "--force"),

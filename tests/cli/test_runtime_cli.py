@@ -18,10 +18,11 @@ from conftest import run_cli
 
 
 def test_compare_three_backends_agree(trt_export):
-    proc = run_cli("compare", str(trt_export), "--backends", "torch,onnxruntime,onnx-reference",
-                   "--steps", "5", "--json")
+    """A standard-op export: every backend by default, onnx-reference included."""
+    proc = run_cli("compare", str(trt_export), "--steps", "5", "--json")
     report = json.loads(proc.stdout)
     assert report["passed"] and report["reference"] == "torch"
+    assert set(report["backends"]) == {"onnxruntime", "onnx-reference"}
     for name in ("onnxruntime", "onnx-reference"):
         b = report["backends"][name]
         assert b["first_diverging_step"] is None and len(b["steps"]) == 5
@@ -36,8 +37,24 @@ def test_compare_table_output(trt_export):
 
 
 def test_onnx_reference_refuses_contrib_ops(ort_export):
-    assert "ONNX Runtime contrib ops" in _user_error("compare", str(ort_export), "--backends",
-                                                     "onnxruntime,onnx-reference", "--steps", "2")
+    """Asked for explicitly on a contrib-op export: one line, before any backend runs."""
+    err = _user_error("compare", str(ort_export), "--backends", "onnxruntime,onnx-reference",
+                      "--steps", "2")
+    assert "ONNX Runtime contrib ops" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_defaults_to_backends_that_run_the_export(ort_export):
+    from pipo_export.cli.compare import default_backends
+    from pipo_graphs.manifest import load_manifest
+    from pipo_runtime.backends import Backend
+    report = json.loads(run_cli("compare", str(ort_export), "--steps", "2", "--json").stdout)
+    assert report["passed"] and report["reference"] == "torch"
+    assert set(report["backends"]) == {"onnxruntime"}  # no onnx-reference for contrib ops
+    manifest = load_manifest(ort_export)
+    manifest.export.source = str(ort_export / "moved-away")
+    assert default_backends(manifest) == [Backend.ONNXRUNTIME]  # torch needs the checkpoint
+    assert default_backends(manifest, checkpoint=str(ort_export)) == [Backend.TORCH,
+                                                                      Backend.ONNXRUNTIME]
 
 
 def _altered(src, dst, scale: float):

@@ -22,9 +22,9 @@ import pytest
 from conftest import run_cli
 from pipo_graphs.contract import DECODE, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS, \
     ModelDims, state_specs
-from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineManifestError, \
-    EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, make_engine_manifest, \
-    select_profile
+from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, DimRange, EngineManifest, \
+    EngineManifestError, EngineProfile, GpuInfo, check_compatibility, load_engine_manifest, \
+    make_engine_manifest, select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, ManifestError, file_entries, sha256_file
 from pipo_graphs.seal import write_sealed
@@ -88,7 +88,7 @@ def write_export(folder: Path, **kw) -> Path:
 
 
 def write_engines(folder: Path, manifest: dict, blobs: dict | None = None, max_batch=1,
-                  max_context=None, bounds=(), version=TRT_VERSION, gpu=GPU) -> dict:
+                  max_context=None, bounds=(), version=TRT_VERSION, gpu=GPU) -> EngineManifest:
     """engines.json as `build` writes it, over the given engine bytes (dummy by default)."""
     limits = context_limits(Manifest.from_json(manifest), max_batch, max_context)
     profiles = derive_profiles(limits, bounds)
@@ -104,7 +104,7 @@ def write_engines(folder: Path, manifest: dict, blobs: dict | None = None, max_b
                               max_context=limits.max_context, max_slots=limits.max_slots,
                               profiles=profiles, engines=engines,
                               export_manifest=Manifest.from_json(manifest))
-    write_sealed(folder / ENGINES, json.dumps(em))
+    write_sealed(folder / ENGINES, em.dumps())
     return em
 
 
@@ -223,9 +223,9 @@ def test_engine_manifest_round_trip(export):
     manifest = json.loads((export / "manifest.json").read_text())
     em = write_engines(export, manifest, max_batch=2, bounds=(16,))
     loaded = load_engine_manifest(export, Manifest.from_json(manifest))
-    assert loaded == json.loads(json.dumps(em))
+    assert loaded == em and json.loads((export / ENGINES).read_text()) == em.to_json()
     assert check_compatibility(loaded, TRT_VERSION, GPU) == []
-    assert len(loaded["profiles"]) == 2 and loaded["limits"]["max_slots"] == 31
+    assert len(loaded.profiles) == 2 and loaded.limits.max_slots == 31
 
 
 def test_engine_manifest_mismatches(export, tmp_path):
@@ -249,10 +249,13 @@ def test_engine_manifest_mismatches(export, tmp_path):
     (export / "prefill_compress.engine").unlink()
     with pytest.raises(EngineManifestError, match="is missing"):
         load_engine_manifest(export, Manifest.from_json(manifest))
+    doc = em.to_json()
     for broken, match in (("{", "not valid JSON"),
-                          (json.dumps({k: v for k, v in em.items() if k != "gpu"}), "'gpu'"),
-                          (json.dumps(dict(em, format_version="2.0")), "format 2.0"),
-                          (json.dumps(dict(em, precision="int8")), "precision")):
+                          (json.dumps({k: v for k, v in doc.items() if k != "gpu"}), "'gpu'"),
+                          (json.dumps(dict(doc, format_version="2.0")), "format 2.0"),
+                          (json.dumps(dict(doc, precision="int8")), "precision"),
+                          (json.dumps(dict(doc, limits=dict(doc["limits"], max_slots="31"))),
+                           "engines.limits.max_slots")):
         write_sealed(export / ENGINES, broken)
         with pytest.raises(EngineManifestError, match=match):
             load_engine_manifest(export, Manifest.from_json(manifest), verify_files=False)

@@ -54,8 +54,11 @@ from pipo_runtime.backends import rows as host_rows
 from pipo_runtime.requests import ModelFacts
 
 
-class BackendError(PipoUserError):
-    """A backend failed while running a graph that passed the manifest checks."""
+class BackendError(RuntimeError):
+    """A backend failed while running a graph that passed the manifest checks: a bug (in the
+    export or the backend), not bad input, so it is no PipoUserError and keeps its traceback
+    (the backend's own exception is its __cause__). Problems the user can fix (a stale engine,
+    a missing provider) raise PipoUserError subclasses instead."""
 
 
 class OrtOptimization(str, Enum):

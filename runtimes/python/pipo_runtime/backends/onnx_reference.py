@@ -39,6 +39,29 @@ def _graphs(graph):
                 yield from _graphs(sub)
 
 
+def _contrib_ops(model) -> list[str]:
+    """The ONNX Runtime contrib ops an onnx ModelProto uses (subgraphs included), sorted."""
+    return sorted({f"{n.domain}::{n.op_type}".lstrip(":") for g in _graphs(model.graph)
+                   for n in g.node if n.domain not in ("", "ai.onnx")
+                   or n.op_type in ORT_ONNX_DOMAIN_OPS})
+
+
+def _refuse_contrib(path: Path, contrib: list[str]) -> None:
+    if contrib:
+        raise PipoUserError(f"{path.name} uses ONNX Runtime contrib ops ({', '.join(contrib)}),"
+                            " which onnx's reference evaluator cannot run; compare the "
+                            "--target tensorrt export (standard ops) on onnx-reference")
+
+
+def check_standard_ops(folder: Path, manifest) -> None:
+    """PipoUserError (one line) when a graph of the export in `folder` uses ONNX Runtime contrib
+    ops, which this backend cannot run; reads the graphs without their weights."""
+    import onnx
+    for name in (PREFILL, DECODE):
+        path = Path(folder) / manifest.graphs[name].file
+        _refuse_contrib(path, _contrib_ops(onnx.load(str(path), load_external_data=False)))
+
+
 class _Graph:
     """One graph in a ReferenceEvaluator: run(feeds) -> every output by name (numpy)."""
 
@@ -46,13 +69,7 @@ class _Graph:
         import onnx
         from onnx.reference import ReferenceEvaluator
         model = onnx.load(str(path), load_external_data=True)
-        contrib = sorted({f"{n.domain}::{n.op_type}".lstrip(":") for g in _graphs(model.graph)
-                          for n in g.node if n.domain not in ("", "ai.onnx")
-                          or n.op_type in ORT_ONNX_DOMAIN_OPS})
-        if contrib:
-            raise PipoUserError(f"{path.name} uses ONNX Runtime contrib ops ({', '.join(contrib)}),"
-                                " which onnx's reference evaluator cannot run; compare the "
-                                "--target tensorrt export (standard ops) on onnx-reference")
+        _refuse_contrib(path, _contrib_ops(model))
         self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
         self.output_names = [o.name for o in model.graph.output]
         self.input_shapes = {i.name: [d.dim_param or d.dim_value

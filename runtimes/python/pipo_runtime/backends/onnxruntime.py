@@ -32,6 +32,13 @@ from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOpti
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
+# provider -> how to get an onnxruntime that has it (onnxruntime itself ships CPU only)
+PROVIDER_PACKAGES = {
+    "CUDAExecutionProvider": "onnxruntime-gpu: pip install 'pipo-runtime[gpu]' (it replaces "
+                             "onnxruntime; see pipo-runtime's pyproject.toml)",
+    "TensorrtExecutionProvider": "onnxruntime-gpu with TensorRT: pip install 'pipo-runtime[gpu]' "
+                                 "(it replaces onnxruntime; see pipo-runtime's pyproject.toml)",
+}
 # onnx TensorProto.DataType -> contract dtype name, for the types an OrtValue can map as is
 # (numpy has no bfloat16)
 ONNX_DTYPES = {code: name for code, name in ONNX_NAMES.items() if name != "bfloat16"}
@@ -44,10 +51,15 @@ def resolve_providers(names) -> list[str]:
     import onnxruntime as ort
     resolved = [PROVIDER_ALIASES.get(p.lower(), p) for p in (names or ["cpu"])]
     available = ort.get_available_providers()
-    missing = [p for p in resolved if p not in available]
-    if missing:
-        raise PipoUserError(f"ONNX Runtime providers {missing} are not available here "
-                            f"(available: {available})")
+    for p in resolved:
+        if p in available:
+            continue
+        if p not in ort.get_all_providers():
+            raise PipoUserError(f"unknown ONNX Runtime provider {p!r}; choose from "
+                                f"{', '.join(PROVIDER_ALIASES)} or an ONNX Runtime provider name")
+        raise PipoUserError(f"the installed onnxruntime {ort.__version__} has no {p} (it has "
+                            f"{', '.join(available)}); it comes with "
+                            f"{PROVIDER_PACKAGES.get(p, 'another onnxruntime build')}")
     return resolved
 
 
@@ -248,7 +260,7 @@ class OrtStepRunner(StepRunner):
             session.run_with_iobinding(io)
         except Exception as exc:  # ORT raises plain RuntimeError/Fail for kernel errors
             raise BackendError(f"ONNX Runtime failed running {self.files[session]}: {exc}; "
-                               "`pipo-export check` the folder or re-export it") from None
+                               "`pipo-export check` the folder or re-export it") from exc
         self.values = dict(zip(self.names[session], io.get_outputs()))
         return self.values[PAIR].numpy(), self.values[CONFIDENCE].numpy()
 

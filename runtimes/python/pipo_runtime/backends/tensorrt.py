@@ -34,8 +34,8 @@ import numpy as np
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR,
     PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS)
 from pipo_graphs.dtypes import ITEMSIZE, numpy_dtype
-from pipo_graphs.engine_manifest import GpuInfo, check_compatibility, engine_profiles, \
-    load_engine_manifest, prompt_slots, select_profile
+from pipo_graphs.engine_manifest import EngineManifestError, GpuInfo, check_compatibility, \
+    engine_profiles, load_engine_manifest, prompt_slots, select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, StateInfo
 from pipo_graphs.shapes import pair_axes, resolve_shape, state_nbytes
@@ -179,11 +179,11 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
         self.em = load_engine_manifest(folder, manifest)
         self.warnings = check_compatibility(self.em, self.trt.__version__, gpu, folder)
         self.manifest, self.profiles = manifest, engine_profiles(self.em)
-        self.mode = self.em["export"]["mode"]
-        limits = self.em["limits"]
-        self.max_batch, self.max_slots = limits["max_batch"], limits["max_slots"]
+        self.mode = self.em.export.mode.value
+        limits = self.em.limits
+        self.max_batch, self.max_slots = limits.max_batch, limits.max_slots
         self.max_rows = self.max_batch
-        self.max_context = limits["max_context"]
+        self.max_context = limits.max_context
         self.states = manifest.states
         self.dtypes = manifest.tensor_dtypes()
         self.device = device or CudaDevice()
@@ -191,11 +191,12 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.engines, self.contexts, self.active = {}, {}, {}
         for graph in (PREFILL, DECODE):
-            file = self.em["engines"][graph]["file"]
+            file = self.em.engines[graph].file
             engine = self.runtime.deserialize_cuda_engine((folder / file).read_bytes())
             if not engine:
-                raise BackendError(f"TensorRT could not deserialize {file} (see the TensorRT log "
-                                   f"above); rebuild: pipo-export build {folder} --force")
+                raise EngineManifestError(f"TensorRT could not deserialize {file} (see the "
+                                          "TensorRT log above); rebuild: pipo-export build "
+                                          f"{folder} --force")
             self._check_io(graph, engine, file)
             context = engine.create_execution_context()
             if not context:
@@ -218,17 +219,18 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
         have = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if set(have) != set(want):
             diff = sorted(set(have) ^ set(want))[:4]
-            raise BackendError(f"{file}: engine I/O differs from the manifest ({diff}); rebuild "
-                               "the engines from this export")
+            raise EngineManifestError(f"{file}: engine I/O differs from the manifest ({diff}); "
+                                      "rebuild the engines from this export")
         names = {getattr(self.trt, a): a for a in ITEMSIZE if hasattr(self.trt, a)}
         for name in have:
             got = names.get(engine.get_tensor_dtype(name), str(engine.get_tensor_dtype(name)))
             if got != want[name]:
-                raise BackendError(f"{file}: {name} is {got} in the engine, {want[name]} in the "
-                                   "manifest; rebuild the engines from this export")
+                raise EngineManifestError(f"{file}: {name} is {got} in the engine, {want[name]} "
+                                          "in the manifest; rebuild the engines from this export")
         if engine.num_optimization_profiles != len(self.profiles):
-            raise BackendError(f"{file}: {engine.num_optimization_profiles} optimization profiles, "
-                               f"engines.json lists {len(self.profiles)}; rebuild")
+            raise EngineManifestError(f"{file}: {engine.num_optimization_profiles} optimization "
+                                      f"profiles, engines.json lists {len(self.profiles)}; "
+                                      "rebuild")
 
     # ------------------------------------------------------------------ device buffers
     def _ensure(self, key, nbytes: int) -> int:

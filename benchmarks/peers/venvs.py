@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipo_export.bench.peers import PeerUnavailable
+from benchmarks.peers import PeerUnavailable
 
 TORCH = "torch==2.13.0"  # the CPU wheel (the machine's pip find-links)
 TRANSFORMERS = "transformers==5.23.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from pipo_export.bench.peers import BUSY_CORES
+from benchmarks.peers import BUSY_CORES
 
 
 def stat(xs: list[float]) -> dict:
@@ -13,7 +13,7 @@ def stat(xs: list[float]) -> dict:
 
 
 def semantics() -> dict:
-    from pipo_export.bench.peers import llamacpp, ortgenai, ours
+    from benchmarks.peers import llamacpp, ortgenai, ours
     return {"pipo-export": ours.SEMANTICS, "onnxruntime-genai": ortgenai.SEMANTICS,
             "llama.cpp": llamacpp.SEMANTICS,
             "cpu_others": f"cores other processes used during a measurement (/proc/stat busy "
@@ -66,7 +66,7 @@ def targets(results: dict) -> dict:
 
 def build(opts, text: dict, methods, results: dict, bounds: dict, skipped: list[dict],
           peers_info: dict, machine: dict) -> dict:
-    """The JSON document of one `bench --peers` run."""
+    """The JSON document of one `python -m benchmarks.peers` run."""
     rows: dict = {}
     by_key = {m.key: m for m in methods}
     for context, per_method in results.items():

@@ -12,9 +12,9 @@ from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, ManifestError, load_manifest
 
 from pipo_export.bench import folder_bytes
-from pipo_export.bench.peers import Sample
-from pipo_export.bench.peers.machine import Meter
-from pipo_export.bench.peers.venvs import log
+from benchmarks.peers import Sample
+from benchmarks.peers.machine import Meter
+from benchmarks.peers.venvs import log
 
 PRECISIONS = {"fp32": "float", "int8": "int8", "int4": "int4"}  # --precisions -> weights
 MODES = ("pipo", "regular")

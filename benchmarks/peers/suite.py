@@ -1,4 +1,4 @@
-"""`pipo-export bench --peers`: prepare every method, run them interleaved, report.
+"""`python -m benchmarks.peers`: prepare every method, run them interleaved, report.
 
 1. the checkpoint: the shape's real text dims (optionally cut with --layers), random weights,
    released layout (bench.run.write_checkpoint);
@@ -25,15 +25,15 @@ from typing import Callable
 
 from pipo_graphs.errors import PipoUserError
 
-from pipo_export.bench.peers import Sample
-from pipo_export.bench.peers.venvs import log
+from benchmarks.peers import Sample
+from benchmarks.peers.venvs import log
 
 PEERS = ("ortgenai", "llamacpp")
 
 
 @dataclass
 class PeerBenchOptions:
-    """Every knob of `pipo-export bench --peers` (the CLI fills it)."""
+    """Every knob of `python -m benchmarks.peers` (the CLI fills it)."""
 
     shape: str = "qwen3.5-0.8b"
     layers: int | None = None
@@ -74,7 +74,7 @@ class Method:
 
 def check(opts: PeerBenchOptions) -> None:
     """Refuse bad options before any work."""
-    from pipo_export.bench.peers.ours import PRECISIONS
+    from benchmarks.peers.ours import PRECISIONS
     from pipo_export.model.shapes import SHAPES
     if opts.shape not in SHAPES:
         raise PipoUserError(f"--peers needs a released-layout shape ({', '.join(SHAPES)}), got "
@@ -92,7 +92,7 @@ def check(opts: PeerBenchOptions) -> None:
 
 
 def our_methods(exports, threads: int) -> list[Method]:
-    from pipo_export.bench.peers import ours
+    from benchmarks.peers import ours
     return [Method(e.key, ours.TOOLS[e.mode], e.precision, str(e.folder), e.bytes,
                    lambda prompt, n, e=e: ours.measure(e, prompt, n, threads),
                    info={"export_s": e.export_s})
@@ -103,8 +103,8 @@ def peer_methods(name: str, hf: Path, root: Path, opts: PeerBenchOptions,
                  skipped: list[dict]) -> tuple[list[Method], dict]:
     """Set up one peer and convert its precisions; -> (methods, environment info). Any
     failure skips the peer (or one precision) with one line."""
-    from pipo_export.bench.peers import llamacpp, ortgenai
-    from pipo_export.bench.peers.venvs import ENSURE, SetupOptions
+    from benchmarks.peers import llamacpp, ortgenai
+    from benchmarks.peers.venvs import ENSURE, SetupOptions
     label = {"ortgenai": "onnxruntime-genai", "llamacpp": "llama.cpp"}[name]
     try:
         env = ENSURE[name](SetupOptions(Path(opts.peer_root), install=opts.install,
@@ -145,7 +145,7 @@ def peer_methods(name: str, hf: Path, root: Path, opts: PeerBenchOptions,
 def measure_clean(method: Method, prompt: list[int], opts: PeerBenchOptions) -> Sample:
     """One measurement after waiting for idle cores; re-timed while disturbed (the cleanest
     attempt is kept)."""
-    from pipo_export.bench.peers.machine import wait_idle
+    from benchmarks.peers.machine import wait_idle
     best = None
     for attempt in range(1 + opts.retries):
         before = wait_idle(opts.wait_idle)
@@ -192,13 +192,13 @@ def run_rounds(methods: list[Method], opts: PeerBenchOptions, prompt_ids: Callab
 
 
 def run_peer_bench(opts: PeerBenchOptions) -> int:
-    """The whole `bench --peers`; prints the markdown report, writes JSON and the plot."""
+    """The whole peers bench; prints the markdown report, writes JSON and the plot."""
     import numpy as np
 
     from pipo_export.bench import run as bench_run
     from pipo_export.bench.measure import memory_bandwidth_gbs
-    from pipo_export.bench.peers import ours, report
-    from pipo_export.bench.peers.hf_folder import pipo_ids, write_hf_folder
+    from benchmarks.peers import ours, report
+    from benchmarks.peers.hf_folder import pipo_ids, write_hf_folder
 
     check(opts)
     if opts.plot_file:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipo_export.bench import folder_bytes
-from pipo_export.bench.peers import PeerUnavailable, Sample
-from pipo_export.bench.peers.venvs import PeerEnv, last_line, log
+from benchmarks.peers import PeerUnavailable, Sample
+from benchmarks.peers.venvs import PeerEnv, last_line, log
 
 CHILD = Path(__file__).with_name("ortgenai_child.py")
 PRECISIONS = ("int4", "int8", "fp32")  # what the builder accepts for the CPU provider

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipo_export.bench.peers import PeerUnavailable, Sample
-from pipo_export.bench.peers.machine import Meter
-from pipo_export.bench.peers.venvs import PeerEnv, last_line, run_logged
+from benchmarks.peers import PeerUnavailable, Sample
+from benchmarks.peers.machine import Meter
+from benchmarks.peers.venvs import PeerEnv, last_line, run_logged
 
 CHILD = Path(__file__).with_name("gguf_child.py")
 CONVERTER_TYPES = ("f32", "f16", "bf16")  # written by the converter; others by llama-quantize

@@ -1,6 +1,11 @@
-"""`pipo-export bench --peers`: PIPO and regular decoding next to ONNX Runtime GenAI and llama.cpp.
+"""`python -m benchmarks.peers`: PIPO and regular decoding next to ONNX Runtime GenAI and llama.cpp.
 
-Modules (each imported only when `--peers` is given; none is needed by the plain `bench`):
+Not part of the shipped package (it makes venvs and builds llama.cpp): run it from a checkout,
+at the repository root, with pipo-export installed (`python -m benchmarks.peers --help`; the
+command line is in __main__). `pipo-export bench` (PIPO against regular decoding) is the
+package's own.
+
+Modules:
 
 - `machine`: CPU load of other processes, from /proc/stat (wait for idle cores, flag disturbed runs);
 - `venvs`: the peers' own venvs under build/ (idempotent: existing ones are checked and reused);

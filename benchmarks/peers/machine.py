@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipo_export.bench.peers import BUSY_CORES
+from benchmarks.peers import BUSY_CORES
 
 
 def cpu_seconds() -> float:
