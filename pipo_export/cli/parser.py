@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=RUN_DEFAULTS.threads,
                    help="ONNX Runtime intra-op threads")
     add_generation_flags(p)
+
+    from pipo_export.cli import serve
+    serve.add_arguments(sub.add_parser("serve", help="serve an export over OpenAI's HTTP API "
+                                                     "(pip install 'pipo-runtime[serve]')"))
     return parser
 
 
