@@ -189,6 +189,9 @@ def validation_error(errors: list[dict]) -> ApiError:
     err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if loc[:1] == ["prompt"] and err.get("type") != "missing":  # a union: name the shapes
+        return ApiError(400, "prompt must be text, a list of token ids, a list of texts or a "
+                             "list of token id lists", "prompt")
     if err.get("type") == "extra_forbidden":
         return ApiError(400, f"unknown parameter {param!r}: this server takes OpenAI's "
                              "parameters and vLLM's extras (see docs/serving.md)", param,
