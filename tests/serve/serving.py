@@ -31,14 +31,16 @@ CHAT_TEMPLATE = """{{- bos_token -}}
 <|im_start|>{{ message.role }}
 {% if message.role == "assistant" %}{% generation %}{{ message.content }}{% endgeneration %}{% else %}{{ message.content }}{% endif %}<|im_end|>
 {% endfor -%}
-{%- if add_generation_prompt -%}
-<|im_start|>assistant
-{% if enable_thinking is defined and not enable_thinking %}<think>
+{% if add_generation_prompt %}
+  {% set header = "<|im_start|>assistant" %}
+{{ header }}
+{% if enable_thinking is defined and not enable_thinking %}
+<think>
 
 </think>
 
-{% endif -%}
-{%- endif -%}"""
+{% endif %}
+{% endif %}"""
 GENERATION_CONFIG = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 20,
                      "max_new_tokens": 24, "eos_token_id": 318, "pad_token_id": 319}
 API_KEY = "test-key"
