@@ -129,3 +129,27 @@ def test_cli_flags(chat_export):
         proc = subprocess.run([sys.executable, "-m", "pipo_runtime.serve", *args],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+NO_TORCH = """
+import sys
+sys.modules['torch'] = None  # `import torch` raises ImportError
+sys.modules['transformers'] = None
+from fastapi.testclient import TestClient
+from pipo_runtime.serve import ServeConfig, create_app
+import pipo_runtime.serve.ray
+with TestClient(create_app(ServeConfig(out=sys.argv[1]), load_in_background=False)) as client:
+    r = client.post('/v1/chat/completions', json={'messages': [{'role': 'user', 'content': 'hi'}],
+                                                 'max_tokens': 4})
+    assert r.status_code == 200, r.text
+    print(r.json()['usage']['completion_tokens'])
+"""
+
+
+def test_server_runs_without_torch(chat_export):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(chat_export)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "4"
