@@ -1,6 +1,6 @@
 """The PIPO graph contract: names, shapes and dtypes both compiler and runtimes rely on.
 
-Two graphs, one step each (PIPO_SPEC section 3):
+Two graphs, one step each (docs/contract.md, "The two steps"):
 
 prefill_compress
     inputs   input_ids [B, T] int64 (T even, right-padded with PAD), lengths [B] int64 (real
@@ -117,7 +117,7 @@ class StateSpec:
 
 @dataclass
 class SamplingParams:
-    """Sampling settings (PIPO_SPEC section 3); temperature 0 means greedy.
+    """Sampling settings (docs/contract.md, "Sampling"); temperature 0 means greedy.
 
     Order of application (same in every backend): repetition and presence penalty on the
     logits, temperature, top-k, top-p, min-p over the top `sample_cap` candidates, then

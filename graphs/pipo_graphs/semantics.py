@@ -46,7 +46,7 @@ class SequenceOutput:
         """Record one emitted pair; return the tokens it adds for the user.
 
         PAD is never shown; generation ends at EOS (or a stop id) whether it is token1 or
-        token2, and a token2 after an ending token1 is dropped (PIPO_SPEC section 3).
+        token2, and a token2 after an ending token1 is dropped (docs/contract.md).
         """
         self.pairs.append([int(pair[0]), int(pair[1])])
         self.confidence.append(float(conf))

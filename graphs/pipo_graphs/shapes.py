@@ -58,3 +58,13 @@ def state_nbytes(state: HasShape, batch: int, slots: int) -> int:
 def state_bytes(states: Iterable[HasShape], batch: int, slots: int) -> int:
     """Bytes of every state in `states` for `batch` rows with `slots` cache slots."""
     return sum(state_nbytes(s, batch, slots) for s in states)
+
+
+PAST_PAIRS = "past_pairs"  # the one dim rows of a batch share: cache slots (takes masked holes)
+
+
+def pair_axes(shapes: dict[str, list | tuple]) -> dict[str, int]:
+    """{state name: shape} -> {state name: axis of its past_pairs dim} for the states that have
+    one (attention caches and attention_mask); every other state is per row only."""
+    return {name: list(shape).index(PAST_PAIRS) for name, shape in shapes.items()
+            if PAST_PAIRS in list(shape)}

@@ -90,6 +90,7 @@ def _sample(logits, sp, prompt_mask, output_mask, u, cap: int) -> torch.Tensor:
 
 
 def gate(token2: torch.Tensor, conf: torch.Tensor, threshold: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """PIPO_SPEC gate: tau < 0 commits, 0 <= tau < 1 pads where conf < tau, tau >= 1 pads. [B]."""
+    """The confidence gate (docs/contract.md): tau < 0 commits, 0 <= tau < 1 pads where
+    conf < tau, tau >= 1 pads. [B]."""
     commit = (threshold < 0) | ((conf >= threshold) & (threshold < 1))
     return torch.where(commit, token2, torch.full_like(token2, pad_id))

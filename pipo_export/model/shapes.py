@@ -34,7 +34,7 @@ from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE
 CHUNK = 1 << 24  # float32 elements generated per step (64 MB)
 FLOAT32_SUFFIXES = ("linear_attn.A_log", "linear_attn.norm.weight")  # stored F32 in the release
 ENDOFTEXT, IM_START, IM_END = 248044, 248045, 248046  # Qwen3.5 tokenizer ids
-# PIPO_SPEC: pad with <|endoftext|>; stop on <|endoftext|> and <|im_end|>; one MTP layer.
+# docs/contract.md: pad with <|endoftext|>; stop on <|endoftext|> and <|im_end|>; one MTP layer.
 PIPO_FIELDS = {"compressor_type": "mlp", "mtp_num_hidden_layers": 1, "pad_token_id": ENDOFTEXT,
                "eos_token_id": [ENDOFTEXT, IM_END]}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

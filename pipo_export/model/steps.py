@@ -1,4 +1,4 @@
-"""PIPO prefill and decode steps with explicit states (PIPO_SPEC section 3), in pieces.
+"""PIPO prefill and decode steps with explicit states (docs/contract.md), in pieces.
 
 Each step is three pieces: `*_embed` (tokens -> latents and the per-step context every layer
 shares: positions, masks, RoPE), one `*_layer` per decoder layer, and `*_head` (final norm,

@@ -33,8 +33,8 @@ def test_fixture_greedy_pairs_through_cli(tiny_ref, expected, i, mode):
 
 
 def test_full_context_decode_equals_teacher_forcing(ref_model, expected):
-    """PIPO_SPEC semantics: each decode-step MTP sees all earlier MTP positions, exactly as the
-    teacher-forced forward over the generated sequence (an independent code path)."""
+    """docs/contract.md: each decode-step MTP sees all earlier MTP positions, exactly
+    as the teacher-forced forward over the generated sequence (an independent code path)."""
     prompt = expected["prompt1"].tolist()
     out = ReferenceDecoder(ref_model).generate(
         [prompt], GenerateOptions(max_steps=10, threshold=-1.0))[0]

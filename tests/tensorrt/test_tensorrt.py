@@ -345,14 +345,15 @@ def test_build_and_run_on_a_gpu(trt_export, tmp_path):
 
 # ------------------------------------------------------------------ the runtime's buffer logic
 class FakeDevice:
-    """Host memory standing in for the GPU; counts allocations and copies."""
+    """Host memory standing in for the GPU; counts allocations and copies. A pointer may point
+    inside a buffer (row operations copy at offsets)."""
 
     stream_handle = 7
 
     def __init__(self):
         from pipo_runtime.backends.tensorrt import DeviceBuffer
         self.Buffer, self.mem, self.next = DeviceBuffer, {}, 1 << 20
-        self.allocs, self.h2d, self.d2h = 0, [], []
+        self.allocs, self.h2d, self.d2h, self.d2d = 0, [], [], 0
 
     def alloc(self, nbytes):
         ptr, self.next = self.next, self.next + nbytes + 256
@@ -363,13 +364,24 @@ class FakeDevice:
     def free(self, buf):
         del self.mem[buf.ptr]
 
+    def _at(self, ptr, nbytes):
+        """The bytes [ptr, ptr + nbytes) of the buffer holding them."""
+        base = max(b for b in self.mem if b <= ptr)
+        view = self.mem[base][ptr - base:ptr - base + nbytes]
+        assert view.size == nbytes, "access outside a buffer"
+        return view
+
     def upload(self, ptr, array):
-        self.mem[ptr][:array.nbytes] = array.reshape(-1).view(np.uint8)
+        self._at(ptr, array.nbytes)[:] = array.reshape(-1).view(np.uint8)
         self.h2d.append(array.shape)
 
     def download(self, array, ptr):
-        array.reshape(-1).view(np.uint8)[:] = self.mem[ptr][:array.nbytes]
+        array.reshape(-1).view(np.uint8)[:] = self._at(ptr, array.nbytes)
         self.d2h.append(array.shape)
+
+    def copy(self, dst, src, nbytes):
+        self._at(dst, nbytes)[:] = self._at(src, nbytes)
+        self.d2d += 1
 
     def read(self, ptr, shape, dtype):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -612,3 +624,41 @@ def test_lint_knows_the_tensorrt_11_additions():
     assert ("warning", "ai.onnx opset 25 needs TensorRT >= 11.5 (TensorRT 10.15 parses up to 24)") \
         in issues(25)
     assert any(sev == "error" and "opset 26 > 25" in p for sev, p in issues(26))
+
+
+def test_engine_rows_on_the_device_match_each_request_alone(trt_export, tmp_path, monkeypatch):
+    """The engine over stand-in TensorRT engines: rows join, leave and are trimmed on the device
+    (device-to-device copies; only pair, confidence and attention_mask are downloaded), and
+    each request gives the pairs it gives alone on onnxruntime (confidences within compare's
+    default atol 1e-3)."""
+    import random
+    from dataclasses import replace
+    from pipo_runtime import GenerationConfig, PipoSession, SamplingParams
+    from pipo_runtime.backends import tensorrt as trt_engine
+    from pipo_runtime.engine import Engine, EngineConfig
+    folder = tmp_path / "trt"
+    fake_engines(trt_export, folder, max_batch=4, max_context=160, bounds=(48,))
+    device = FakeDevice()
+    monkeypatch.setattr(trt_engine, "require_tensorrt", lambda: FakeTrt(device))
+    monkeypatch.setattr(trt_engine, "gpu_info", lambda: GPU)
+    monkeypatch.setattr(trt_engine, "CudaDevice", lambda: device)
+    trt_session = PipoSession.load(folder, backend="tensorrt")
+    ort_session = PipoSession.load(folder, backend="onnxruntime")
+    rng = random.Random(7)
+    samplers = [SamplingParams(), SamplingParams(temperature=1.0, top_k=20, presence_penalty=1.5)]
+    requests = [([rng.randrange(500) for _ in range(rng.randint(1, 60))],
+                 GenerationConfig(max_steps=rng.randint(1, 12), seed=i, sampling=samplers[i % 2],
+                                  threshold=rng.choice([-1.0, 0.5, 1.0])), i % 3)
+                for i in range(10)]
+    with pytest.raises(PipoUserError, match="max_batch 5 exceeds the 4 rows"):
+        Engine(trt_session, EngineConfig(max_batch=5))
+    engine = Engine(trt_session, EngineConfig(max_batch=4, max_prefill_tokens=96))
+    handles = [engine.submit(p, c, seq=s) for p, c, s in requests]
+    results = [h.result(timeout=120) for h in handles]
+    engine.shutdown()
+    for (prompt, config, seq), got in zip(requests, results):
+        want = ort_session.generate([prompt], replace(config, seq_offset=seq)).sequences[0]
+        assert got.pairs == want.pairs
+        np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-3)
+    assert device.d2d > 0  # rows moved on the device
+    assert all(len(shape) <= 2 for shape in device.d2h)  # never a cache [B, H, P, D]

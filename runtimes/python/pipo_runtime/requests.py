@@ -64,9 +64,24 @@ def prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, threshold: fl
                   seqs: list[int]) -> dict[str, np.ndarray]:
     """The prefill graph's inputs for a batch: input_ids [B, T even] (PAD-padded), lengths [B],
     sampling inputs [B] and step-0 uniforms [B, 2] of sequences `seqs`."""
+    return row_prefill_feeds(prompts, pad_id, [(sampling, threshold)] * len(prompts),
+                             [(seed, seq) for seq in seqs])
+
+
+def row_uniforms(keys) -> np.ndarray:
+    """[(seed, seq, step)] one per row -> uniforms [B, 2] float32: each row's own random stream
+    (never its batch row)."""
+    return np.concatenate([step_uniforms(seed, [seq], step) for seed, seq, step in keys]) \
+        if keys else np.zeros((0, 2), np.float32)
+
+
+def row_prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, keys) -> dict:
+    """The prefill inputs for rows that each bring their own settings: sampling
+    [(SamplingParams, threshold)] and random keys [(seed, seq)], one per prompt
+    -> input_ids [B, T even], lengths [B], sampling inputs [B], step-0 uniforms [B, 2]."""
     ids, lengths = pack_prompts(prompts, pad_id)
-    return {INPUT_IDS: ids, LENGTHS: lengths, **sampling_feeds(sampling, threshold, len(ids)),
-            UNIFORMS: step_uniforms(seed, seqs, 0)}
+    return {INPUT_IDS: ids, LENGTHS: lengths, **sampling_rows(sampling),
+            UNIFORMS: row_uniforms([(seed, seq, 0) for seed, seq in keys])}
 
 
 def check_request(facts: ModelFacts, prompts: list[list[int]], max_steps: int,

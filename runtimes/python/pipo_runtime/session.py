@@ -23,14 +23,15 @@ from typing import Iterator
 
 import numpy as np
 
-from pipo_graphs import SamplingParams, step_uniforms
+from pipo_graphs import SamplingParams
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
-from pipo_graphs.semantics import SequenceOutput
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
-from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds, token_ids
+from pipo_runtime.requests import (ModelFacts, check_request, row_prefill_feeds, row_uniforms,
+                                   token_ids)
+from pipo_runtime.sequence import SequenceResult, SequenceTracker
 from pipo_runtime.text import encode, load_tokenizer
 
 DEFAULT_MAX_STEPS = 16  # steps a run takes when neither max_steps nor max_new_tokens is given
@@ -82,14 +83,12 @@ class GenerationConfig:
             raise PipoUserError("max_new_tokens must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise PipoUserError("max_steps must be >= 1")
+        if not isinstance(self.stop_strings, (list, tuple)) or not all(
+                isinstance(s, str) and s for s in self.stop_strings):
+            raise PipoUserError(f"stop_strings must be non-empty strings, got "
+                                f"{self.stop_strings!r}")
         by_tokens = self.max_new_tokens if self.max_new_tokens is not None else 1 << 30
         return min(self.max_steps or 1 << 30, by_tokens)  # >= 1 user token per step unless PAD
-
-
-@dataclass
-class SequenceResult(SequenceOutput):
-    text: str | None = None
-    prefill_tokens: int = 0  # user tokens the prefill step emitted (1 or 2)
 
 
 @dataclass
@@ -108,6 +107,22 @@ class GenerationResult:
         """Decode time per user-visible token after the first step."""
         later = sum(len(s.tokens) - s.prefill_tokens for s in self.sequences)
         return 1e3 * self.decode_s / max(later, 1)
+
+
+def prefill_rows(runner: StepRunner, rows: list[SequenceTracker],
+                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill `rows` as one batch on `runner` (each row with its own sampling settings and
+    random stream) -> pair [B, 2], confidence [B]."""
+    feeds = row_prefill_feeds([r.prompt for r in rows], pad_id,
+                              [(r.config.sampling, r.config.threshold) for r in rows],
+                              [r.uniform_key()[:2] for r in rows])
+    return runner.prefill(feeds)
+
+
+def decode_rows(runner: StepRunner, rows: list[SequenceTracker]) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step of every row `runner` holds (`rows`, in batch order), each with the
+    uniforms of its own next step -> pair [B, 2], confidence [B]."""
+    return runner.decode(row_uniforms([r.uniform_key() for r in rows]))
 
 
 class GenerationStream:
@@ -217,38 +232,25 @@ class PipoSession:
 
     def _steps(self, runner: StepRunner, prompts, config: GenerationConfig, steps: int,
                result: GenerationResult) -> Iterator[StreamEvent]:
-        seqs = [config.seq_offset + i for i in range(len(prompts))]
-        feeds = prefill_feeds(prompts, self.facts.pad_id, config.sampling, config.threshold,
-                              config.seed, seqs)
-        outs, texts = result.sequences, ["" for _ in prompts]
-        stop_ids = set(config.stop_token_ids)
+        rows = [SequenceTracker(self.facts, config, steps, config.seq_offset + i, prompt,
+                                self.tokenizer, out)
+                for i, (prompt, out) in enumerate(zip(prompts, result.sequences))]
         start = time.perf_counter()
-        pair, conf = runner.prefill(feeds)
+        pair, conf = prefill_rows(runner, rows, self.facts.pad_id)
         result.ttft_s = time.perf_counter() - start
         for step in range(steps):
             if step:
                 t = time.perf_counter()
-                pair, conf = runner.decode(step_uniforms(config.seed, seqs, step))
+                pair, conf = decode_rows(runner, rows)
                 result.decode_s += time.perf_counter() - t
             result.steps = step + 1
-            for row, out in enumerate(outs):
-                if out.done:
-                    continue
-                new = out.add_pair(pair[row], conf[row], self.facts.pad_id,
-                                   config.eos_ids(self.facts), stop_ids)
-                new = self._limit(out, new, config)
-                if step == 0:
-                    out.prefill_tokens = len(out.tokens)
-                delta = self._text(out, row, texts, config)
-                if new or delta:
-                    yield StreamEvent(row, new, delta, step)
-            if all(o.done for o in outs):
+            for row, seq in enumerate(rows):
+                if not seq.done:
+                    new, delta = seq.accept(pair[row], conf[row])
+                    if new or delta:
+                        yield StreamEvent(row, new, delta, step)
+            if all(seq.done for seq in rows):
                 break
-        for row, out in enumerate(outs):
-            out.finish_reason = out.finish_reason or "length"
-            delta = self._text(out, row, texts, config, final=True)
-            if delta:
-                yield StreamEvent(row, [], delta, result.steps - 1)
 
     def generate(self, prompts, config: GenerationConfig) -> GenerationResult:
         """Run to completion; exactly what `stream` yields, collected."""
@@ -256,35 +258,6 @@ class PipoSession:
         for _ in stream:
             pass
         return stream.result
-
-    @staticmethod
-    def _limit(out: SequenceResult, new: list[int], config: GenerationConfig) -> list[int]:
-        if config.max_new_tokens is not None and len(out.tokens) >= config.max_new_tokens:
-            extra = len(out.tokens) - config.max_new_tokens
-            if extra:
-                del out.tokens[config.max_new_tokens:]
-                new = new[:len(new) - extra]
-            out.finish_reason = out.finish_reason or "length"
-        return new
-
-    def _text(self, out: SequenceResult, row: int, texts: list[str], config,
-              final: bool = False) -> str:
-        """The row's new text since the last call. Text ending in U+FFFD (a character whose
-        bytes are still arriving) is held back until it resolves or the row ends."""
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
-        for stop in config.stop_strings:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, out.finish_reason = text[:cut], "stop"
-        out.text = text
-        if not (final or out.done):
-            text = text.rstrip("\ufffd")
-        if not text.startswith(texts[row]):
-            return ""  # cannot happen for byte-level decoding; never retract emitted text
-        delta, texts[row] = text[len(texts[row]):], text
-        return delta
 
     def close(self) -> None:
         self.runner.close()

@@ -10,9 +10,28 @@ A `StepRunner` runs one generation's steps and keeps the states inside the backe
     begin() -> StepRunner / end()                      one generation's runner (see below)
     close()
 
+Rows (continuous batching, pipo_runtime.engine): a runner holds one batch's states, and the
+sampling inputs of its rows, from step to step. Every state is per row; the attention caches
+and attention_mask also share the pair axis (past_pairs), which takes masked holes.
+
+    rows() -> int                                      rows held (0: an empty runner from begin())
+    merge(other)                                       append other's rows (other keeps its own);
+                                                       the shorter pair axis is padded with holes
+    select(rows)                                       keep `rows` (indices), in that order
+    trim() -> int                                      drop the columns that are a hole in every
+                                                       row; -> columns dropped
+    attention_mask() -> [B, P] bool                    a host copy of the holes (small)
+
+decode(uniforms) then runs every row held, with each row's own sampling inputs (the ones its
+prefill was given). Layout: each row's real slots stay contiguous at the right end of the pair
+axis (pipo_runtime.backends.rows), so columns freed by rows that leave are on the left.
+The default implementation goes through the host (`host_states`/`load_states`, numpy); a
+backend that keeps its states on a device overrides the five methods (TensorRT). Joins and
+leaves copy states; decode steps never do.
+
 Threads: the loaded runner holds the graphs and weights; `begin()` gives one generation its own
 runner over them (by default a shallow copy: every state attribute is assigned anew by
-`prefill`), and `end()` frees that generation's states. A backend whose graphs cannot run two
+`prefill`, and cleared), and `end()` frees that generation's states. A backend whose graphs cannot run two
 generations at once sets `concurrent = False`; PipoSession then runs its generations one at a
 time on the loaded runner itself.
 
@@ -31,6 +50,7 @@ import numpy as np
 
 from pipo_graphs.errors import PipoUserError
 
+from pipo_runtime.backends import rows as host_rows
 from pipo_runtime.requests import ModelFacts
 
 
@@ -93,8 +113,10 @@ class StepRunner:
     concurrent = True  # generations may run at once on runners from begin()
 
     def begin(self) -> "StepRunner":
-        """A runner for one generation, sharing this one's graphs and weights."""
-        return copy.copy(self)
+        """A runner for one generation (no states yet), sharing this one's graphs and weights."""
+        runner = copy.copy(self)
+        runner.end()
+        return runner
 
     def end(self) -> None:
         """Free this generation's states (the runner from `begin`)."""
@@ -107,6 +129,42 @@ class StepRunner:
 
     def outputs(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ rows (host path)
+    pair_axes: dict[str, int] = {}  # present.X -> axis of past_pairs (set by each backend)
+    max_rows: int | None = None  # rows a batch may hold (TensorRT: the engines' max_batch)
+
+    def host_states(self) -> dict[str, np.ndarray]:
+        """Every per-row array the next decode reads, as numpy: present.X, pair and the
+        sampling inputs, batch on axis 0 ({} when empty)."""
+        raise NotImplementedError
+
+    def load_states(self, states: dict[str, np.ndarray]) -> None:
+        """Hold `states` (as host_states gives them) as this runner's batch."""
+        raise NotImplementedError
+
+    def rows(self) -> int:
+        return host_rows.batch_rows(self.host_states())
+
+    def attention_mask(self) -> np.ndarray:
+        return self.host_states()[host_rows.MASK]
+
+    def merge(self, other: "StepRunner") -> None:
+        aligned = host_rows.align_right(other.host_states(), self.pair_axes)
+        mine = host_rows.align_right(self.host_states(), self.pair_axes)
+        self.load_states(host_rows.merge_rows(mine, aligned, self.pair_axes))
+
+    def select(self, rows: list[int]) -> None:
+        self.load_states(host_rows.select_rows(self.host_states(), list(rows)))
+
+    def trim(self) -> int:
+        if not self.rows():
+            return 0
+        keep = self.attention_mask().any(axis=0)
+        if keep.all():
+            return 0  # nothing copied
+        self.load_states(host_rows.trim_columns(self.host_states(), self.pair_axes))
+        return int(keep.size - keep.sum())
 
     def facts(self, facts: ModelFacts | None) -> ModelFacts:
         """The model facts requests are checked against: the manifest's by default. A backend

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, ORT_ONNX_DOMAIN_OPS, PAIR,
-                                  PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
+                                  PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS,
+                                  present_to_past)
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.shapes import pair_axes
 
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
 
@@ -53,13 +55,17 @@ class _Graph:
                                 "--target tensorrt export (standard ops) on onnx-reference")
         self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
         self.output_names = [o.name for o in model.graph.output]
+        self.input_shapes = {i.name: [d.dim_param or d.dim_value
+                                      for d in i.type.tensor_type.shape.dim]
+                             for i in model.graph.input}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
 
 
 class OnnxReferenceStepRunner(StepRunner):
-    """prefill/decode with numpy feeds and outputs; each step's outputs are the next's states."""
+    """prefill/decode with numpy feeds and outputs; each step's outputs are the next's states
+    (host_states/load_states are those numpy arrays: row operations copy nothing extra)."""
 
     name = "onnx-reference"
     concurrent = False  # onnx's ReferenceEvaluator makes no thread-safety promise
@@ -70,6 +76,10 @@ class OnnxReferenceStepRunner(StepRunner):
         except ImportError as exc:
             raise PipoUserError(f"the onnx-reference backend needs the onnx package ({exc}); "
                                 "pip install 'pipo-runtime[reference]'") from None
+        self.pair_axes = pair_axes({PRESENT + n[len(PAST):]: shape
+                                    for n, shape in self.dec.input_shapes.items()
+                                    if n.startswith(PAST)})
+        self.last = self.fixed = None
 
     def prefill(self, feeds):
         self.fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
@@ -83,6 +93,19 @@ class OnnxReferenceStepRunner(StepRunner):
 
     def outputs(self):
         return dict(self.last)
+
+    def host_states(self):
+        if self.last is None:
+            return {}
+        return {**{k: v for k, v in self.last.items() if k.startswith(PRESENT) or k == PAIR},
+                **self.fixed}
+
+    def load_states(self, states):
+        self.fixed = {n: states[n] for n, _ in SAMPLING_INPUTS} if states else None
+        self.last = {k: v for k, v in states.items() if k not in self.fixed} if states else None
+
+    def end(self):
+        self.last = self.fixed = None
 
 
 def load(folder: Path, manifest, options: RunnerOptions) -> OnnxReferenceStepRunner:

@@ -9,6 +9,10 @@ level decides whether ORT derives new copies from them (`OrtOptimization`).
 Steps: `OrtStepRunner` keeps the states as OrtValues from one step to the next (present.X bound
 as past.X, no copy to numpy); sampling inputs are bound once per generation and `uniforms` is
 updated in place. Only `pair` and `confidence` cross to the host each step.
+
+Rows (the engine's merge/select/trim, StepRunner): the states cross to the host only when rows
+join or leave (OrtValue -> numpy -> OrtValue); `trim` reads the small attention_mask alone and
+copies the caches only when a column goes.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR,
-    PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
+    PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS, present_to_past)
 from pipo_graphs.dtypes import ONNX_CODES, ONNX_NAMES, numpy_dtype
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.shapes import pair_axes
 
+from pipo_runtime.backends import rows as host_rows
 from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -227,6 +233,9 @@ class OrtStepRunner(StepRunner):
         self.pre, self.dec = shared_sessions([prefill_path, decode_path], options)
         self.files = {self.pre: Path(prefill_path).name, self.dec: Path(decode_path).name}
         self.names = {s: [o.name for o in s.get_outputs()] for s in (self.pre, self.dec)}
+        self.pair_axes = pair_axes({PRESENT + i.name[len(PAST):]: i.shape
+                                    for i in self.dec.get_inputs() if i.name.startswith(PAST)})
+        self.values = self.fixed = self.uniforms = None
 
     def _value(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device)
@@ -253,13 +262,38 @@ class OrtStepRunner(StepRunner):
         return self._run(self.pre, inputs)
 
     def decode(self, uniforms):
-        self.uniforms.update_inplace(np.ascontiguousarray(uniforms, dtype=np.float32))
+        uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)
+        if self.uniforms is None or tuple(self.uniforms.shape()) != uniforms.shape:
+            self.uniforms = self._value(uniforms)  # the batch changed (rows joined or left)
+        else:
+            self.uniforms.update_inplace(uniforms)
         inputs = {INPUT_PAIR: self.values[PAIR], **present_to_past(self.values), **self.fixed,
                   UNIFORMS: self.uniforms}
         return self._run(self.dec, inputs)
 
     def outputs(self):
         return {k: v.numpy() for k, v in self.values.items()}
+
+    def rows(self) -> int:
+        return 0 if self.values is None else self.values[PAIR].shape()[0]
+
+    def attention_mask(self) -> np.ndarray:
+        return self.values[host_rows.MASK].numpy()
+
+    def host_states(self) -> dict[str, np.ndarray]:
+        if self.values is None:
+            return {}
+        out = {k: v.numpy() for k, v in self.values.items() if k.startswith(PRESENT) or k == PAIR}
+        return {**out, **{k: v.numpy() for k, v in self.fixed.items()}}
+
+    def load_states(self, states: dict[str, np.ndarray]) -> None:
+        if not states:
+            self.end()
+            return
+        # OrtValue.numpy() views ORT's buffer without keeping it alive: own every array
+        states = {k: v if v.flags.owndata else v.copy() for k, v in states.items()}
+        self.fixed = {n: self._value(states[n]) for n, _ in SAMPLING_INPUTS}
+        self.values = {k: self._value(v) for k, v in states.items() if k not in self.fixed}
 
     def end(self):
         self.values = self.fixed = self.uniforms = None

@@ -12,6 +12,11 @@ Buffers (no host copies of states within a generation):
   * pair: two buffers as well (pair of step n is input_pair of step n+1).
   * sampling inputs are uploaded once per generation; uniforms [batch, 2] (8 bytes per row) is
     uploaded each step; only pair [batch, 2] and confidence [batch] are copied to the host.
+Rows (the engine's merge/select/trim, StepRunner): the states never leave the device. A row
+operation reads the small attention_mask of each source batch, then copies every row's real
+slots (device to device) into the other ping-pong set, right-aligned on the pair axis at the new
+slot count, zeroes the holes, and makes that set current; sampling inputs are re-uploaded from
+their host copies (a few bytes per row).
 Each step sets every input shape (set_input_shape) and address (set_tensor_address), switches
 optimization profile when the cached length leaves the active one, and runs execute_async_v3
 on one stream. The decode step is not captured in a CUDA graph: its shapes change every step
@@ -33,14 +38,15 @@ from pipo_graphs.engine_manifest import GpuInfo, check_compatibility, engine_pro
     load_engine_manifest, prompt_slots, select_profile
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, StateInfo
-from pipo_graphs.shapes import resolve_shape, state_nbytes
+from pipo_graphs.shapes import pair_axes, resolve_shape, state_nbytes
 
 from pipo_runtime.backends.base import BackendError, RunnerOptions, StepRunner
+from pipo_runtime.backends.device_rows import DeviceRows
 from pipo_runtime.requests import ModelFacts
 
 INSTALL = ("install it on a host with an NVIDIA GPU: pip install tensorrt-cu12 polygraphy "
            "(tensorrt-cu13 for CUDA 13; wheels come from https://pypi.nvidia.com); "
-           "see README.md, section TensorRT")
+           "see docs/tensorrt.md")
 CUDA_DEV_ATTR_CC_MAJOR, CUDA_DEV_ATTR_CC_MINOR = 75, 76
 
 
@@ -137,6 +143,11 @@ class CudaDevice:
         self.cuda.wrapper().memcpy(array.ctypes.data, ptr, array.nbytes,
                                    self.cuda.MemcpyKind.DeviceToHost, self.stream.ptr)
 
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """Async device -> device on the stream."""
+        self.cuda.wrapper().memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice,
+                                   self.stream.ptr)
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -151,7 +162,7 @@ def _host(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
-class TensorRTStepRunner(StepRunner):
+class TensorRTStepRunner(DeviceRows, StepRunner):
     """prefill/decode/outputs over the two TensorRT engines (see the module doc).
 
     `trt`, `device` and `gpu` default to the real TensorRT module, a CudaDevice and the
@@ -171,6 +182,7 @@ class TensorRTStepRunner(StepRunner):
         self.mode = self.em["export"]["mode"]
         limits = self.em["limits"]
         self.max_batch, self.max_slots = limits["max_batch"], limits["max_slots"]
+        self.max_rows = self.max_batch
         self.max_context = limits["max_context"]
         self.states = manifest.states
         self.dtypes = manifest.tensor_dtypes()
@@ -190,8 +202,10 @@ class TensorRTStepRunner(StepRunner):
                 raise BackendError(f"TensorRT could not create an execution context for {file} "
                                    "(out of GPU memory?)")
             self.engines[graph], self.contexts[graph], self.active[graph] = engine, context, 0
-        self.step, self.batch, self.slots = -1, 0, 0
+        self.pair_axes = pair_axes({PRESENT + s.name: s.shape for s in self.states})
+        self.step, self.batch, self.slots, self.side = -1, 0, 0, 0
         self.pending: list[np.ndarray] = []
+        self.fixed_host: dict[str, np.ndarray] = {}
 
     def facts(self, facts: ModelFacts | None) -> ModelFacts:
         """The export's facts with max_context lowered to what the engines were built for, so
@@ -301,12 +315,13 @@ class TensorRTStepRunner(StepRunner):
                                 f"{self.max_context} (pipo-export build --max-context)")
         self.batch = batch
         self._allocate_generation()
+        self.fixed_host = {n: np.asarray(feeds[n]) for n, _ in SAMPLING_INPUTS}
         self.fixed = {n: self._upload(n, feeds[n]) for n, _ in SAMPLING_INPUTS}
         inputs = {INPUT_IDS: self._upload(INPUT_IDS, feeds[INPUT_IDS]),
                   LENGTHS: self._upload(LENGTHS, feeds[LENGTHS]), **self.fixed,
                   UNIFORMS: self._upload(UNIFORMS, feeds[UNIFORMS])}
         self._run(PREFILL, inputs, self._outputs(0, slots), tokens)
-        self.step, self.slots = 0, slots
+        self.step, self.slots, self.side = 0, slots, 0
         return self._fetch()
 
     def decode(self, uniforms: np.ndarray):
@@ -316,7 +331,7 @@ class TensorRTStepRunner(StepRunner):
         if self.slots + 1 > self.max_slots:
             raise PipoUserError(f"the generation exceeds the engines' max_context "
                                 f"{self.max_context} tokens (pipo-export build --max-context)")
-        prev, cur = self.step % 2, (self.step + 1) % 2
+        prev, cur = self.side, 1 - self.side
         inputs = {INPUT_PAIR: (self.buffers[(PAIR, prev)].ptr, (self.batch, 2))}
         for s in self.states:
             inputs[PAST + s.name] = (self.buffers[(s.name, prev)].ptr,
@@ -324,7 +339,7 @@ class TensorRTStepRunner(StepRunner):
         inputs.update(self.fixed)
         inputs[UNIFORMS] = self._upload(UNIFORMS, uniforms)
         self._run(DECODE, inputs, self._outputs(cur, self.slots + 1), self.slots)
-        self.step, self.slots = self.step + 1, self.slots + 1
+        self.step, self.slots, self.side = self.step + 1, self.slots + 1, cur
         return self._fetch()
 
     def outputs(self) -> dict[str, np.ndarray]:

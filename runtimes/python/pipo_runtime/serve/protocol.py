@@ -142,6 +142,10 @@ def generation_config(req: _Request, defaults: Defaults, max_tokens: int) -> Gen
     """The request as pipo_runtime's GenerationConfig (ranges are checked by the engine's
     submit, which raises PipoUserError). max_tokens: the tokens to generate, already resolved."""
     _unsupported(req)
+    if max_tokens < 1:
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) \
+            is not None else "max_tokens"
+        raise ApiError(400, f"{param} must be >= 1, got {max_tokens}", param)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(s == "" for s in stops):
         raise ApiError(400, "stop strings must not be empty", "stop")
