@@ -34,8 +34,8 @@ class Choice:
         if self.result is None:
             return None
         reason = self.result.finish_reason
-        if reason == "cancelled":  # by the engine's shutdown (a client's own cancel ends
-            raise ApiError(503, "the server shut down before the request finished",  # earlier)
+        if reason == "cancelled":  # by the engine's shutdown (a client's cancel ends sooner)
+            raise ApiError(503, "the server shut down before the request finished",
                            code="shutting_down", type="service_unavailable")
         if reason not in FINISH_REASONS:  # "error": the backend failed on a checked request
             raise ApiError(500, "the backend failed while generating (see the server log)",
