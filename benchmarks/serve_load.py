@@ -98,8 +98,9 @@ def load(url: str, pid: int, args: argparse.Namespace) -> tuple[dict, list]:
     return {"results": results, "wall_s": wall}, rss
 
 
-def solo_check(export: str, results: dict[int, dict]) -> list[int]:
-    """Indices whose tokens differ from the same request run alone through PipoSession."""
+def solo_check(export: str, results: dict[int, dict]) -> list[dict]:
+    """The requests whose tokens differ from the same request run alone through PipoSession:
+    index, temperature, first differing token, lengths."""
     from pipo_graphs import SamplingParams
     from pipo_runtime import GenerationConfig, PipoSession
     session = PipoSession.load(export)
@@ -113,7 +114,10 @@ def solo_check(export: str, results: dict[int, dict]) -> list[int]:
                                   sampling=SamplingParams(temperature=b["temperature"]))
         seq = session.generate([ids], replace(config, seq_offset=0)).sequences[0]
         if seq.tokens != out["tokens"]:
-            bad.append(i)
+            first = next((k for k, (a, c) in enumerate(zip(seq.tokens, out["tokens"]))
+                          if a != c), min(len(seq.tokens), len(out["tokens"])))
+            bad.append({"request": i, "temperature": b["temperature"], "first_diff": first,
+                        "solo_len": len(seq.tokens), "served_len": len(out["tokens"])})
     session.close()
     return bad
 
@@ -154,6 +158,7 @@ def main() -> int:
         "rss_growth_after_100_mib": round((max(after) - after[0]) / 2**20, 1) if after else None,
         "server_exit_code": code,
         "error_samples": [r.get("error") for r in results.values() if r["status"] != 200][:3],
+        "mismatches": mismatched,
     }
     print(json.dumps(report, indent=2))
     if args.json:
