@@ -22,14 +22,17 @@ CHAT_TEMPLATE = """{{- bos_token -}}
 {%- set ns = namespace(system="You are a tiny model.") -%}
 {%- if messages[0].role == "system" -%}{%- set ns.system = messages[0].content -%}{%- endif -%}
 <|im_start|>system
-{{ ns.system }}{% if tools %} Tools: {{ tools | tojson }}{% endif %} Today: {{ strftime_now("%Y-%m-%d") }}<|im_end|>
+{{ ns.system }}{% if tools %}
+ Tools: {{ tools | tojson }}{% endif %} Today: {{ strftime_now("%Y-%m-%d") }}<|im_end|>
 {% for message in messages -%}
 {%- if message.role not in ("system", "user", "assistant") -%}
 {{- raise_exception("unknown role " ~ message.role) -}}
 {%- endif -%}
 {%- if message.role == "system" -%}{%- continue -%}{%- endif -%}
 <|im_start|>{{ message.role }}
-{% if message.role == "assistant" %}{% generation %}{{ message.content }}{% endgeneration %}{% else %}{{ message.content }}{% endif %}<|im_end|>
+{% if message.role == "assistant" %}
+{% generation %}{{ message.content }}{% endgeneration %}
+{% else %}{{ message.content }}{% endif %}<|im_end|>
 {% endfor -%}
 {% if add_generation_prompt %}
   {% set header = "<|im_start|>assistant" %}

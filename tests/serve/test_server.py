@@ -15,7 +15,8 @@ from pipo_graphs import SamplingParams
 from pipo_runtime import GenerationConfig
 from pipo_runtime.serve.chat import ChatTemplate
 
-from serving import API_KEY, GENERATION_CONFIG, Server, chat_export, solo, solo_session  # noqa: F401
+from serving import (API_KEY, GENERATION_CONFIG, Server, chat_export,  # noqa: F401
+                     solo, solo_session)
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
@@ -88,7 +89,8 @@ def expected(session, req: dict) -> list[dict]:
     for i, prompt in enumerate(prompts):
         for j in range(n):
             seq = solo(session, prompt, config, seq=i * n + j)
-            out.append({"text": seq.text, "tokens": seq.tokens, "finish": FINISH[seq.finish_reason]})
+            out.append({"text": seq.text, "tokens": seq.tokens,
+                        "finish": FINISH[seq.finish_reason]})
     return out
 
 
