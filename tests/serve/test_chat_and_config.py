@@ -110,6 +110,26 @@ def test_health_is_503_until_loaded(chat_export):
     state.close()
 
 
+def test_server_sessions_do_not_spin(chat_export):
+    """The server's ONNX Runtime sessions run with intra-op spinning off (an idle server uses
+    no CPU); a plain session keeps ORT's default."""
+    from pipo_runtime import PipoSession
+    from pipo_runtime.serve.state import ServerState
+    state = ServerState(ServeConfig(out=str(chat_export)))
+    state.load()
+    key = "session.intra_op.allow_spinning"
+    try:
+        runner = state.session.runner
+        assert [s.get_session_options().get_session_config_entry(key)
+                for s in (runner.pre, runner.dec)] == ["0", "0"]
+    finally:
+        state.close()
+    plain = PipoSession.load(chat_export)
+    with pytest.raises(RuntimeError):  # no entry: ORT's default (spinning)
+        plain.runner.pre.get_session_options().get_session_config_entry(key)
+    plain.close()
+
+
 def test_cli_flags(chat_export):
     """`pipo-export serve` and `python -m pipo_runtime.serve` share their flags; bad ones exit
     2 with one line."""
