@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import replace
 
 from pipo_graphs.errors import PipoUserError
 
@@ -72,16 +71,24 @@ def run(config: ServeConfig) -> int:
     from pipo_graphs.manifest import load_manifest
     load_manifest(config.out, verify_files=False)  # a wrong folder fails here, in one line
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app(config.out, **{k: v for k, v in vars(replace(config)).items()
-                                 if k not in ("out", "ray")}),
-              name=APP_NAME, route_prefix="/")
     stop = threading.Event()
+
+    def on_signal(*_):  # replaces Ray's own handlers; a second signal stops at once
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"pipo-serve: Ray Serve on http://{config.host}:{config.port} "
-          f"({config.replicas} replicas)", flush=True)
-    stop.wait()
-    serve.delete(APP_NAME)  # replicas drain (graceful_shutdown_timeout_s = --drain-timeout)
-    serve.shutdown()
+        signal.signal(sig, on_signal)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app(config.out, **{k: v for k, v in vars(config).items()
+                                     if k not in ("out", "ray")}),
+                  name=APP_NAME, route_prefix="/")
+        print(f"pipo-serve: Ray Serve on http://{config.host}:{config.port} "
+              f"({config.replicas} replicas)", flush=True)
+        stop.wait()
+        serve.delete(APP_NAME)  # replicas drain (graceful_shutdown_timeout_s = --drain-timeout)
+    finally:
+        serve.shutdown()
     return 0
