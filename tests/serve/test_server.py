@@ -304,20 +304,32 @@ def test_ignore_eos(server, solo_session):
     assert GENERATION_CONFIG["eos_token_id"] in goes_on["token_ids"]
 
 
-def test_sigterm_drains_in_flight_requests(chat_export, tmp_path):
-    """SIGTERM during a stream: new requests get 503, the stream finishes, exit code 0."""
-    s = Server(chat_export, "--drain-timeout", "60", log=tmp_path / "server.log")
+def _sse_data(lines) -> list[str]:
+    return [x for x in lines if x.startswith("data: ")]
+
+
+def test_full_queue_then_sigterm_drains(chat_export, tmp_path):
+    """One row, a queue of one: a third request gets 429. SIGTERM while both run/wait: new
+    requests get 503, the running and the waiting stream both finish, exit code 0."""
+    s = Server(chat_export, "--max-batch", "1", "--max-queue", "1", "--drain-timeout", "120",
+               log=tmp_path / "server.log")
     body = {"prompt": "PIPO folds", "max_tokens": 2000, "ignore_eos": True, "stream": True,
-            "temperature": 1.0}  # about 1000 steps: still running when the late request comes
-    lines = []
-    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
-        it = r.iter_lines()
-        lines.append(next(it))
-        s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        late = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
-        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
-        lines.extend(it)
-    data = [x for x in lines if x.startswith("data: ")]
-    assert data[-1] == "data: [DONE]" and '"finish_reason": "length"' in data[-2]
+            "temperature": 1.0}  # about 1000 steps: still running when the others come
+    url = s.url + "/v1/completions"
+    with httpx.stream("POST", url, json=body, timeout=300) as running:
+        first = running.iter_lines()
+        head = [next(first)]
+        with httpx.stream("POST", url, json=body, timeout=300) as waiting:
+            assert waiting.status_code == 200
+            full = httpx.post(url, json=dict(body, stream=False), timeout=30)
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            s.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            late = httpx.post(url, json={"prompt": "hi"}, timeout=10)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+            rest = head + list(first)
+            queued = list(waiting.iter_lines())
+    for lines in (rest, _sse_data(queued)):
+        data = _sse_data(lines)
+        assert data[-1] == "data: [DONE]" and '"finish_reason": "length"' in data[-2]
     assert s.stop(sig=None) == 0, s.output()

@@ -172,12 +172,15 @@ async def _serve(request: Request, s: ServerState, body, prompts, kind: str):
     run.submit()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(run, include_usage, body.return_token_ids), sep="\n")
+        return EventSourceResponse(_stream(s, run, include_usage, body.return_token_ids),
+                                   sep="\n")
     task = asyncio.ensure_future(run.body(body.return_token_ids))
     gone = asyncio.ensure_future(_disconnected(request))
+    s.responding += 1
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        s.responding -= 1
         gone.cancel()
         if not task.done():  # the client went away (or we are being cancelled)
             task.cancel()
@@ -188,9 +191,11 @@ async def _serve(request: Request, s: ServerState, body, prompts, kind: str):
     return JSONResponse(task.result())
 
 
-async def _stream(run: Run, include_usage: bool, return_token_ids: bool):
+async def _stream(s: ServerState, run: Run, include_usage: bool, return_token_ids: bool):
+    s.responding += 1  # a drain waits for the stream's last chunk, not only the engine's
     try:
         async for data in run.chunks(include_usage, return_token_ids):
             yield {"data": data}
     finally:
+        s.responding -= 1
         run.cancel()  # no-op when every choice finished; frees the rows otherwise

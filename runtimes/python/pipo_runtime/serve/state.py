@@ -53,6 +53,7 @@ class ServerState:
         self.error: str | None = None
         self.draining = False
         self.drain_deadline: float | None = None  # time.monotonic()
+        self.responding = 0  # responses being produced (changed on the event loop only)
         self.loaded = threading.Event()
         self.metrics = ServerMetrics(lambda: self.engine)
 
@@ -88,8 +89,9 @@ class ServerState:
         self.draining = True
 
     def busy(self) -> bool:
+        """Requests still being answered (streams still being written included)."""
         stats = self.engine.stats() if self.engine is not None else None
-        return bool(stats and (stats.running or stats.waiting))
+        return self.responding > 0 or bool(stats and (stats.running or stats.waiting))
 
     def close(self) -> None:
         """Let running requests finish until the drain deadline, then cancel them."""
