@@ -251,15 +251,15 @@ def test_abandoned_requests_free_their_rows(server):
     """8 streams dropped after their first chunk and one non-streamed request whose client
     times out: every row is freed (requests_running back to 0) and each counts as cancelled."""
     before = server.metrics()["pipo_requests_cancelled_total"]
-    body = {"prompt": "PIPO folds", "max_tokens": 1500, "ignore_eos": True, "stream": True,
-            "temperature": 1.0}
+    body = {"prompt": "PIPO folds", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+            "temperature": 1.0}  # about 1000 steps: over a second, even alone
     for _ in range(8):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {API_KEY}"}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
     with pytest.raises(httpx.ReadTimeout):
-        _post(server, "/v1/completions", dict(body, stream=False), timeout=1.0)
+        _post(server, "/v1/completions", dict(body, stream=False), timeout=0.5)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         m = server.metrics()
@@ -271,6 +271,7 @@ def test_abandoned_requests_free_their_rows(server):
 
 
 def test_metrics_parse_with_prometheus_client(server):
+    assert _post(server, "/v1/completions", {"prompt": "PIPO", "max_tokens": 8}).status_code == 200
     m = server.metrics()
     for name in ("pipo_requests_running", "pipo_requests_waiting", "pipo_prompt_tokens_total",
                  "pipo_generation_tokens_total", "pipo_batch_rows", "pipo_padding_ratio",
