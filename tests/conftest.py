@@ -96,3 +96,7 @@ def layout_checkpoint(tmp_path_factory):
 def layout_export(tmp_path_factory, layout_checkpoint):
     """The other graph-relevant layout: linear compressor, untied lm_head (multimodal, sharded)."""
     return _export(tmp_path_factory, "layout-ort", layout_checkpoint)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slow but run in CI (e.g. the Ray Serve cluster)")

@@ -107,7 +107,8 @@ class SequenceTracker:
             # tau >= 1 never commits token2; alone, its batch skips the confidence head. In a
             # batch with a tau < 1 row the head ran for every row: report what alone reports
             confidence = SKIPPED_CONFIDENCE
-        new = out.add_pair(pair, confidence, self.facts.pad_id, self.facts.eos_ids, self.stop_ids)
+        new = out.add_pair(pair, confidence, self.facts.pad_id, config.eos_ids(self.facts),
+                           self.stop_ids)
         limit = config.max_new_tokens
         if limit is not None and len(out.tokens) >= limit:
             extra = len(out.tokens) - limit

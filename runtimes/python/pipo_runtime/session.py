@@ -58,6 +58,11 @@ class GenerationConfig:
     seq_offset: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # EOS ids are emitted like any token (fixed-length runs)
+
+    def eos_ids(self, facts: ModelFacts) -> frozenset[int]:
+        """The ids that end a row with finish_reason "eos": the model's, unless ignore_eos."""
+        return frozenset() if self.ignore_eos else facts.eos_ids
 
     def steps(self) -> int:
         """Check the request's fields (type, range, finiteness); -> the steps it may take."""
@@ -70,6 +75,8 @@ class GenerationConfig:
         if not 0 <= self.seed < 1 << 64 or not 0 <= self.seq_offset < 1 << 63:
             raise PipoUserError(f"seed must be in [0, 2**64) and seq_offset in [0, 2**63), got "
                                 f"{self.seed} and {self.seq_offset}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise PipoUserError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.max_steps is None and self.max_new_tokens is None:
             raise PipoUserError("give max_steps or max_new_tokens")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

@@ -80,7 +80,9 @@ class OrtOptimization(str, Enum):
 class RunnerOptions:
     """Options of PipoSession.load; each backend reads the ones it knows.
 
-    providers, threads, session_options, optimization, prepack: onnxruntime (prepacking copies
+    providers, threads, spinning, session_options, optimization, prepack: onnxruntime
+    (spinning: idle intra-op threads spin for the next op, lower latency at the cost of busy
+    cores; a server turns it off so an idle server uses no CPU; prepacking copies
     every float weight per session, so it is on by default only where the graphs hold quantized
     weights: MatMulNBits is 5x slower unpacked). A caller's
     `session_options` is used as given (never modified): threads and optimization apply, and
@@ -92,6 +94,7 @@ class RunnerOptions:
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0  # intra-op threads; 0 = ORT's default
+    spinning: bool = True  # ORT's session.intra_op.allow_spinning
     session_options: Any = None
     optimization: OrtOptimization = OrtOptimization.AUTO
     prepack: bool | None = None  # ORT kernel weight repacking; None: only for MatMulNBits graphs

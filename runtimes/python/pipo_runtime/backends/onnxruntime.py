@@ -167,6 +167,8 @@ def _options(options: RunnerOptions, optimization: OrtOptimization, prepack: boo
     so.log_severity_level = 3
     if options.threads:
         so.intra_op_num_threads = options.threads
+    if not options.spinning:  # idle intra-op threads sleep instead of spinning
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if optimization == OrtOptimization.MAPPED:
