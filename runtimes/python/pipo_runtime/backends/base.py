@@ -140,6 +140,11 @@ class StepRunner:
         """Hold `states` (as host_states gives them) as this runner's batch."""
         raise NotImplementedError
 
+    def has_rows(self) -> bool:
+        """Whether this backend implements the row operations (host path or its own)."""
+        cls = type(self)
+        return cls.host_states is not StepRunner.host_states or cls.merge is not StepRunner.merge
+
     def rows(self) -> int:
         return host_rows.batch_rows(self.host_states())
 

@@ -33,13 +33,18 @@ def _along(order: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return order.reshape(shape)
 
 
+def is_aligned(mask: np.ndarray) -> bool:
+    """[B, P] attention mask: every row's real slots contiguous at the right end."""
+    return mask.shape[1] < 2 or bool((np.diff(mask.astype(np.int8), axis=1) >= 0).all())
+
+
 def align_right(states: States, axes: dict[str, int]) -> States:
     """Move each row's real slots (mask True) to the right end of the pair axis, keeping their
     order; holes go left. A no-op (no copy) when already aligned."""
     if not states:
         return states
     mask = states[MASK]
-    if mask.shape[1] < 2 or (np.diff(mask.astype(np.int8), axis=1) >= 0).all():
+    if is_aligned(mask):
         return states
     order = np.argsort(mask, axis=1, kind="stable")  # False (holes) first, then real slots
     out = dict(states)
