@@ -228,7 +228,9 @@ def test_decode_steps_copy_no_cache_to_the_host(session, monkeypatch):
     # every array a join or leave copies: outputs of a step and the sampling inputs
     arrays = len(session.runner.names[session.runner.dec]) + 7
     per_step = 2  # pair, confidence
-    assert steps >= 102 and len(calls) <= per_step * (steps + 3) + 6 * (2 * arrays + 2)
+    # 3 prefills, 101 decode steps; copying the caches each step would add ~20 calls a step
+    bound = per_step * (steps + 3) + 6 * (2 * arrays + 2)
+    assert steps == 101 and len(calls) <= bound, (len(calls), bound)
 
 
 def test_host_row_operations_keep_rows_aligned():
