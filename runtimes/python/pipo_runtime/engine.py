@@ -273,8 +273,7 @@ class Engine:
                 continue
             keep.append(i)
         if len(keep) < len(self._running):
-            self._batch.select(keep)
-            self._batch.trim()
+            self._batch.select(keep, trim=True)  # and drop the columns only they used
             self._running = [self._running[i] for i in keep]
             self._measure()
 

@@ -17,7 +17,8 @@ and attention_mask also share the pair axis (past_pairs), which takes masked hol
     rows() -> int                                      rows held (0: an empty runner from begin())
     merge(other)                                       append other's rows (other keeps its own);
                                                        the shorter pair axis is padded with holes
-    select(rows)                                       keep `rows` (indices), in that order
+    select(rows, trim=False)                           keep `rows` (indices), in that order
+                                                       (trim: and drop emptied columns, one copy)
     trim() -> int                                      drop the columns that are a hole in every
                                                        row; -> columns dropped
     attention_mask() -> [B, P] bool                    a host copy of the holes (small)
@@ -156,8 +157,9 @@ class StepRunner:
         mine = host_rows.align_right(self.host_states(), self.pair_axes)
         self.load_states(host_rows.merge_rows(mine, aligned, self.pair_axes))
 
-    def select(self, rows: list[int]) -> None:
-        self.load_states(host_rows.select_rows(self.host_states(), list(rows)))
+    def select(self, rows: list[int], trim: bool = False) -> None:
+        states = host_rows.select_rows(self.host_states(), list(rows))
+        self.load_states(host_rows.trim_columns(states, self.pair_axes) if trim else states)
 
     def trim(self) -> int:
         if not self.rows():
