@@ -31,8 +31,8 @@ backend that keeps its states on a device overrides the five methods (TensorRT).
 leaves copy states; decode steps never do.
 
 Threads: the loaded runner holds the graphs and weights; `begin()` gives one generation its own
-runner over them (by default a shallow copy: every state attribute is assigned anew by
-`prefill`, and cleared), and `end()` frees that generation's states. A backend whose graphs cannot run two
+runner over them (by default a shallow copy, cleared: every state attribute is assigned anew
+by `prefill`), and `end()` frees that generation's states. A backend whose graphs cannot run two
 generations at once sets `concurrent = False`; PipoSession then runs its generations one at a
 time on the loaded runner itself.
 
