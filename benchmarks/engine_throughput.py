@@ -3,7 +3,10 @@ aggregate tokens/s by concurrency, the cost of a join, and what one non-greedy r
 
     python benchmarks/engine_throughput.py EXPORT [--threads 2] [--context 1024]
         [--batches 1,2,4,8,16] [--concurrency 1,4,8,16] [--new-tokens 128] [--steps 16]
-        [--json out.json]
+        [--repeats 3] [--parts decode,engine,join,branches] [--json out.json]
+
+Timings are the best of `repeats` interleaved rounds (each round: the median over its steps),
+so a shared machine's contention inflates them less.
 
 decode      B rows with `context`-token prompts (greedy, tau 0.5), median ms per decode step
 engine      N requests submitted at once to Engine(max_batch=max(N)), `new-tokens` user tokens
@@ -69,6 +72,15 @@ def engine_tps(session, n: int, context: int, new_tokens: int) -> dict:
             "steps": stats.steps}
 
 
+def best_of(repeats: int, runs: dict) -> dict:
+    """{name: callable -> ms}: the minimum per name over `repeats` rounds, names interleaved."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], run())
+    return best
+
+
 def join_ms(session, rows: int, context: int) -> dict:
     settings = [(GREEDY, 0.5)] * rows
     prompts = _prompts(session, rows, context, 2)
@@ -101,41 +113,72 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
+    ap.add_argument("--parts", default="decode,engine,join,branches",
+                    help="which measurements to run (comma-separated)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     session = PipoSession.load(args.export, threads=args.threads)
     session.facts = replace(session.facts, eos_ids=frozenset())  # EOS ignored
     out = {"export": args.export, "threads": args.threads, "context": args.context}
     batches = [int(b) for b in args.batches.split(",")]
-    out["decode"] = [{"rows": b, "ms_per_step": decode_ms(
-        session, _prompts(session, b, args.context), [(GREEDY, 0.5)] * b, args.steps)}
-        for b in batches]
-    for row in out["decode"]:
-        print(f"decode B={row['rows']:3d}: {row['ms_per_step']:8.2f} ms/step", flush=True)
-    out["engine"] = [engine_tps(session, int(n), args.context, args.new_tokens)
-                     for n in args.concurrency.split(",")]
-    base = out["engine"][0]["tokens_per_s"]
-    for row in out["engine"]:
-        row["speedup"] = row["tokens_per_s"] / base
-        print(f"engine N={row['requests']:3d}: {row['tokens_per_s']:8.1f} tokens/s "
-              f"({row['speedup']:.2f}x N={out['engine'][0]['requests']})", flush=True)
-    out["join"] = [join_ms(session, b, args.context) for b in batches if b > 1]
-    for row in out["join"]:
-        print(f"join into B={row['rows']:3d}: {row['merge_ms']:8.2f} ms, padding "
-              f"{row['padding_ratio']:.3f}", flush=True)
-    prompts = _prompts(session, 8, args.context, 3)
-    mixes = {"all greedy, tau 1": [(GREEDY, 1.0)] * 8,
-             "one sampled row": [(SAMPLED, 1.0)] + [(GREEDY, 1.0)] * 7,
-             "one tau 0.5 row": [(GREEDY, 0.5)] + [(GREEDY, 1.0)] * 7,
-             "all sampled, tau 0.5": [(SAMPLED, 0.5)] * 8}
-    out["branches"] = {name: decode_ms(session, prompts, rows, args.steps)
-                       for name, rows in mixes.items()}
-    for name, ms in out["branches"].items():
-        print(f"B=8 {name:22s}: {ms:8.2f} ms/step", flush=True)
+    parts = set(args.parts.split(","))
+    if "decode" in parts:
+        out["decode"] = _decode_table(session, batches, args)
+    if "engine" in parts:
+        out["engine"] = _engine_table(session, args)
+    if "join" in parts:
+        out["join"] = _join_table(session, batches, args)
+    if "branches" in parts:
+        out["branches"] = _branch_table(session, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     session.close()
+
+
+def _decode_table(session, batches, args) -> list[dict]:
+    prompts = {b: _prompts(session, b, args.context) for b in batches}
+    decode = best_of(args.repeats, {b: lambda b=b: decode_ms(
+        session, prompts[b], [(GREEDY, 0.5)] * b, args.steps) for b in batches})
+    table = [{"rows": b, "ms_per_step": ms} for b, ms in decode.items()]
+    for row in table:
+        print(f"decode B={row['rows']:3d}: {row['ms_per_step']:8.2f} ms/step", flush=True)
+    return table
+
+
+def _engine_table(session, args) -> list[dict]:
+    table = [engine_tps(session, int(n), args.context, args.new_tokens)
+             for n in args.concurrency.split(",")]
+    for row in table:
+        row["speedup"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
+        print(f"engine N={row['requests']:3d}: {row['tokens_per_s']:8.1f} tokens/s "
+              f"({row['speedup']:.2f}x N={table[0]['requests']})", flush=True)
+    return table
+
+
+def _join_table(session, batches, args) -> list[dict]:
+    table = []
+    for b in (b for b in batches if b > 1):
+        joins = [join_ms(session, b, args.context) for _ in range(args.repeats)]
+        table.append(min(joins, key=lambda j: j["merge_ms"]))
+    for row in table:
+        print(f"join into B={row['rows']:3d}: {row['merge_ms']:8.2f} ms, padding "
+              f"{row['padding_ratio']:.3f}", flush=True)
+    return table
+
+
+def _branch_table(session, args) -> dict:
+    eight = _prompts(session, 8, args.context, 3)
+    mixes = {"all greedy, tau 1": [(GREEDY, 1.0)] * 8,
+             "one sampled row": [(SAMPLED, 1.0)] + [(GREEDY, 1.0)] * 7,
+             "one tau 0.5 row": [(GREEDY, 0.5)] + [(GREEDY, 1.0)] * 7,
+             "all sampled, tau 0.5": [(SAMPLED, 0.5)] * 8}
+    table = best_of(args.repeats, {name: lambda rows=rows: decode_ms(
+        session, eight, rows, args.steps) for name, rows in mixes.items()})
+    for name, ms in table.items():
+        print(f"B=8 {name:22s}: {ms:8.2f} ms/step", flush=True)
+    return table
 
 
 if __name__ == "__main__":

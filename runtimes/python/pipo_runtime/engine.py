@@ -146,6 +146,10 @@ class Engine:
 
     def __init__(self, session: PipoSession, config: EngineConfig | None = None):
         self.session, self.config = session, config or EngineConfig()
+        if not session.runner.has_rows():
+            raise PipoUserError(f"the {session.runner.name} backend has no row operations "
+                                "(merge/select/trim); serve with onnxruntime, onnx-reference or "
+                                "tensorrt")
         limit = session.runner.max_rows
         if limit is not None and self.config.max_batch > limit:
             raise PipoUserError(f"max_batch {self.config.max_batch} exceeds the {limit} rows the "
@@ -269,8 +273,7 @@ class Engine:
                 continue
             keep.append(i)
         if len(keep) < len(self._running):
-            self._batch.select(keep)
-            self._batch.trim()
+            self._batch.select(keep, trim=True)  # and drop the columns only they used
             self._running = [self._running[i] for i in keep]
             self._measure()
 
@@ -308,7 +311,10 @@ class Engine:
             if keep:
                 if len(keep) < len(admitted):
                     new.select(keep)
-                self._batch.merge(new)
+                if not self._batch.rows() and host_rows.is_aligned(new.attention_mask()):
+                    self._batch, new = new, self._batch  # the newcomers are the batch: no copy
+                else:
+                    self._batch.merge(new)
                 with self._cond:
                     self._running += [admitted[i] for i in keep]
                 self._measure()

@@ -1,5 +1,7 @@
 """PipoSession: load an export folder (or, on the torch backend, a checkpoint folder) once, then
-generate or stream. Its loop is the only generation loop: every backend runs through it.
+generate or stream. Every backend runs through it; its per-row logic (SequenceTracker: pairs to
+user tokens, limits, stop ids and strings, text; prefill_rows/decode_rows: each row's own
+sampling inputs and random stream) is the one the engine (pipo_runtime.engine) runs too.
 
     session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
     result = session.generate(["Hello"] or [[5, 17, 300]], GenerationConfig(max_new_tokens=64))

@@ -17,7 +17,8 @@ and attention_mask also share the pair axis (past_pairs), which takes masked hol
     rows() -> int                                      rows held (0: an empty runner from begin())
     merge(other)                                       append other's rows (other keeps its own);
                                                        the shorter pair axis is padded with holes
-    select(rows)                                       keep `rows` (indices), in that order
+    select(rows, trim=False)                           keep `rows` (indices), in that order
+                                                       (trim: and drop emptied columns, one copy)
     trim() -> int                                      drop the columns that are a hole in every
                                                        row; -> columns dropped
     attention_mask() -> [B, P] bool                    a host copy of the holes (small)
@@ -30,8 +31,8 @@ backend that keeps its states on a device overrides the five methods (TensorRT).
 leaves copy states; decode steps never do.
 
 Threads: the loaded runner holds the graphs and weights; `begin()` gives one generation its own
-runner over them (by default a shallow copy: every state attribute is assigned anew by
-`prefill`, and cleared), and `end()` frees that generation's states. A backend whose graphs cannot run two
+runner over them (by default a shallow copy, cleared: every state attribute is assigned anew
+by `prefill`), and `end()` frees that generation's states. A backend whose graphs cannot run two
 generations at once sets `concurrent = False`; PipoSession then runs its generations one at a
 time on the loaded runner itself.
 
@@ -146,6 +147,11 @@ class StepRunner:
         """Hold `states` (as host_states gives them) as this runner's batch."""
         raise NotImplementedError
 
+    def has_rows(self) -> bool:
+        """Whether this backend implements the row operations (host path or its own)."""
+        cls = type(self)
+        return cls.host_states is not StepRunner.host_states or cls.merge is not StepRunner.merge
+
     def rows(self) -> int:
         return host_rows.batch_rows(self.host_states())
 
@@ -157,8 +163,9 @@ class StepRunner:
         mine = host_rows.align_right(self.host_states(), self.pair_axes)
         self.load_states(host_rows.merge_rows(mine, aligned, self.pair_axes))
 
-    def select(self, rows: list[int]) -> None:
-        self.load_states(host_rows.select_rows(self.host_states(), list(rows)))
+    def select(self, rows: list[int], trim: bool = False) -> None:
+        states = host_rows.select_rows(self.host_states(), list(rows))
+        self.load_states(host_rows.trim_columns(states, self.pair_axes) if trim else states)
 
     def trim(self) -> int:
         if not self.rows():

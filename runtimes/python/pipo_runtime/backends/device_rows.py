@@ -65,11 +65,11 @@ class DeviceRows:
         moves = [(self, r) for r in range(self.rows())] + [(other, r) for r in range(other.rows())]
         self._relayout(moves, max(self.slots if self.rows() else 0, other.slots))
 
-    def select(self, rows: list[int]) -> None:
+    def select(self, rows: list[int], trim: bool = False) -> None:
         if not rows:
             self.end()
             return
-        self._relayout([(self, int(r)) for r in rows], self.slots)
+        self._relayout([(self, int(r)) for r in rows], 0 if trim else self.slots)
 
     def trim(self) -> int:
         if not self.rows():

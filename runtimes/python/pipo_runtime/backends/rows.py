@@ -33,13 +33,18 @@ def _along(order: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return order.reshape(shape)
 
 
+def is_aligned(mask: np.ndarray) -> bool:
+    """[B, P] attention mask: every row's real slots contiguous at the right end."""
+    return mask.shape[1] < 2 or bool((np.diff(mask.astype(np.int8), axis=1) >= 0).all())
+
+
 def align_right(states: States, axes: dict[str, int]) -> States:
     """Move each row's real slots (mask True) to the right end of the pair axis, keeping their
     order; holes go left. A no-op (no copy) when already aligned."""
     if not states:
         return states
     mask = states[MASK]
-    if mask.shape[1] < 2 or (np.diff(mask.astype(np.int8), axis=1) >= 0).all():
+    if is_aligned(mask):
         return states
     order = np.argsort(mask, axis=1, kind="stable")  # False (holes) first, then real slots
     out = dict(states)
@@ -48,26 +53,32 @@ def align_right(states: States, axes: dict[str, int]) -> States:
     return out
 
 
-def _pad_left(array: np.ndarray, axis: int, slots: int) -> np.ndarray:
-    if array.shape[axis] == slots:
-        return array
-    width = [(0, 0)] * array.ndim
-    width[axis] = (slots - array.shape[axis], 0)
-    return np.pad(array, width)  # zeros: finite keys/values, mask False
-
-
 def merge_rows(a: States, b: States, axes: dict[str, int]) -> States:
     """Rows of `a` then rows of `b` (both aligned): the pair axis of the shorter side is padded
-    on the left with holes (zero caches, mask False) to the longer one's slots."""
+    on the left with holes (zero caches, mask False) to the longer one's slots. One new array
+    per state, written once."""
     if not a:
         return dict(b)
     slots = max(a[MASK].shape[1], b[MASK].shape[1])
+    rows = len(a[MASK])
     out = {}
-    for name in a:
-        x, y = a[name], b[name]
-        if name in axes:
-            x, y = _pad_left(x, axes[name], slots), _pad_left(y, axes[name], slots)
-        out[name] = np.concatenate([x, y], axis=0)
+    for name, x in a.items():
+        y, axis = b[name], axes.get(name)
+        shape = list(x.shape)
+        shape[0] = rows + len(y)
+        if axis is not None:
+            shape[axis] = slots
+        merged = out[name] = np.empty(shape, x.dtype)
+        for part, (start, stop) in ((x, (0, rows)), (y, (rows, shape[0]))):
+            if axis is None:
+                merged[start:stop] = part
+                continue
+            index = [slice(start, stop)] + [slice(None)] * (len(shape) - 1)
+            hole = slots - part.shape[axis]
+            index[axis] = slice(0, hole)
+            merged[tuple(index)] = 0  # finite keys/values, mask False
+            index[axis] = slice(hole, slots)
+            merged[tuple(index)] = part
     return out
 
 
