@@ -68,6 +68,14 @@ def sampling_from(ns: argparse.Namespace) -> SamplingParams:
                           repetition_penalty=ns.repetition_penalty)
 
 
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    """--adapter A [--adapter B ...]: PEFT adapters merged in order over --base (after the
+    positional folder when that is an adapter too)."""
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="FOLDER",
+                   help="PEFT adapter folder merged over --base; repeat to stack adapters, "
+                        "merged in order (e.g. the SFT adapter, then the OPD adapter)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with the house error format: one line, exit 2 (argparse prints usage too)."""
 
@@ -80,15 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show what a PIPO checkpoint folder holds")
-    p.add_argument("checkpoint", help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
     p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
+    add_adapter_flag(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its Qwen3.5 base (writes a "
                                      "PIPO checkpoint folder)")
-    p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + "
-                                   "adapter_model.safetensors)")
+    p.add_argument("adapter", nargs="?", default=None,
+                   help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--base", default=None, help="the Qwen3.5 base folder the adapter was trained on")
+    add_adapter_flag(p)
     p.add_argument("-o", "--out", required=True, help="merged checkpoint folder to write")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="default: each tensor keeps the base's dtype")
@@ -106,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing folder")
 
     p = sub.add_parser("export", help="compile a checkpoint into prefill/decode ONNX graphs")
-    p.add_argument("checkpoint", help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="PIPO checkpoint folder, or a PEFT adapter folder with --base")
     p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
+    add_adapter_flag(p)
     p.add_argument("-o", "--out", required=True, help="export folder to write")
     p.add_argument("--target", choices=[t.value for t in Target],
                    default=EXPORT_DEFAULTS.target.value)
@@ -226,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-time a measurement other processes disturbed (>= 0.25 cores)")
 
     p = sub.add_parser("run", help="generate from a checkpoint (torch) or an export")
-    p.add_argument("source", help="checkpoint folder, PEFT adapter folder (with --base) or "
-                                  "export folder")
+    p.add_argument("source", nargs="?", default=None,
+                   help="checkpoint folder, PEFT adapter folder (with --base) or export folder")
     p.add_argument("--base", default=None, help="the Qwen3.5 base folder of an adapter")
+    add_adapter_flag(p)
     p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="default: torch for a checkpoint, onnxruntime for an export")
     p.add_argument("--dtype", choices=DTYPES, default=RUN_DEFAULTS.dtype, help="torch backend dtype")

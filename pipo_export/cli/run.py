@@ -5,7 +5,7 @@ folder (or a PEFT adapter folder with --base) on the torch backend."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipo_graphs import SamplingParams
@@ -20,7 +20,7 @@ from pipo_export.errors import PipoError
 
 @dataclass
 class RunArgs:
-    source: str
+    source: str | None
     backend: Backend | None = None  # None: torch for a checkpoint, onnxruntime for an export
     ids: list[list[int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -32,6 +32,7 @@ class RunArgs:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder (torch)
+    adapters: list[str] = field(default_factory=list)  # more adapters merged after `source`
     dtype: str = RunnerOptions.dtype  # torch on a checkpoint folder
     json: bool = False
     stream: bool = False
@@ -53,7 +54,8 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
     from pipo_runtime.session import GenerationConfig, PipoSession
 
     session = PipoSession.load(args.source, backend=backend, providers=tuple(args.providers),
-                               threads=args.threads, base=args.base, dtype=args.dtype)
+                               threads=args.threads, base=args.base,
+                               adapters=tuple(args.adapters), dtype=args.dtype)
     config = GenerationConfig(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
                               threshold=args.threshold, sampling=args.sampling, seed=args.seed,
                               stop_token_ids=tuple(args.stop_token_ids),
@@ -86,6 +88,11 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
 
 
 def run(args: RunArgs) -> int:
+    if not args.source and args.adapters:  # --base BASE --adapter A [--adapter B ...]
+        args = replace(args, source=args.adapters[0], adapters=args.adapters[1:])
+    if not args.source:
+        raise PipoError("no model: give a checkpoint or export folder, or --base BASE "
+                        "--adapter ADAPTER")
     folder = Path(args.source)
     if not folder.is_dir():
         raise PipoError(f"{folder}: no such folder (give a checkpoint or an export folder)")
@@ -128,5 +135,6 @@ def command(ns) -> int:
                        ids=ns.ids, prompts=ns.prompt, max_steps=max_steps,
                        max_new_tokens=ns.max_new_tokens, stop_token_ids=tuple(ns.stop_token_ids),
                        stop_strings=tuple(ns.stop), threshold=ns.threshold, sampling=sampling,
-                       seed=ns.seed, base=ns.base, dtype=ns.dtype, json=ns.json,
+                       seed=ns.seed, base=ns.base, adapters=list(ns.adapters),
+                       dtype=ns.dtype, json=ns.json,
                        stream=ns.stream, providers=ns.providers.split(","), threads=ns.threads))
