@@ -31,9 +31,16 @@ def module_of(key: str) -> str:
     return key.split(".")[0]
 
 
+def check_finite(source) -> None:
+    """Read every tensor once (one at a time; adapters merged): a NaN or Inf anywhere is a
+    CheckpointError naming the tensor (the sources check each tensor they read)."""
+    for key in source.names():
+        source.get(key)
+
+
 def inspect_report(path: str | None, base: str | None = None, adapters=()) -> dict:
     """What the loader finds: layout, dims, parameter counts per module, problems (names,
-    shapes, missing modules); reads no base weight (adapter files are read whole)."""
+    shapes, missing modules); every tensor is read once to refuse NaN or Inf."""
     problems, counts = [], Counter()
     try:
         cfg, source, layout = open_checkpoint(path, base, adapters)
@@ -47,6 +54,7 @@ def inspect_report(path: str | None, base: str | None = None, adapters=()) -> di
                                   source.ignored)
     for key in source.names():
         counts[module_of(key)] += math.prod(source.shape(key))
+    check_finite(source)
     text = cfg.text
     return {
         "folder": str(layout.folder),
