@@ -114,8 +114,8 @@ class AdapterConfig:
             value = getattr(lora, name, None)
             if not _number(value) or not math.isfinite(value) or value <= 0 or (
                     name == "r" and not isinstance(value, int)):
-                raise CheckpointError(f"{path}: {name} is {value!r}; expected a "
-                                      f"{'positive integer' if name == 'r' else 'finite number > 0'}")
+                want = "positive integer" if name == "r" else "finite number > 0"
+                raise CheckpointError(f"{path}: {name} is {value!r}; expected a {want}")
         _check_patterns(path, lora)
         if not lora.target_modules:
             raise CheckpointError(f"{path}: target_modules is {lora.target_modules!r}; peft "

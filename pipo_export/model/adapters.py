@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +39,8 @@ from pipo_export.errors import CheckpointError
 from pipo_export.fsutil import read_checkpoint_json
 from pipo_export.model.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 from pipo_export.model.config import PipoConfig, eos_from_generation_config, parse_config
-from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource, TensorSource, \
-    normalize_key
+from pipo_export.model.source import (DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource,
+                                      TensorSource, normalize_key)
 
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),

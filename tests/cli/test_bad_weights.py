@@ -2,7 +2,8 @@
 tensor, non-finite or malformed LoRA scaling, an eos outside the vocabulary, each under every
 command that loads the model (run, merge, export, inspect) as `ADAPTER --base BASE`. Every case
 must end in exactly one stderr line (besides export's progress lines) naming the file or field
-(and the tensor), exit 2, no traceback and nothing written. Headers are checked as the safetensors library checks them."""
+(and the tensor), exit 2, no traceback and nothing written. Headers are checked as the
+safetensors library checks them."""
 from __future__ import annotations
 
 import json

@@ -32,7 +32,7 @@ def assert_equal_state(names, get, model):
 
 def test_stack_equals_peft_sequential_merge(stack):
     base, (sft, opd), merged = stack
-    cfg, src = open_adapter([sft, opd], base)
+    _, src = open_adapter([sft, opd], base)
     assert_equal_state(src.names(), src.get, merged)
     assert_equal_state(src.names(), src.get, peft_load_merge([sft, opd]))  # from the folders
     only_sft = open_adapter(sft, base)[1]  # the OPD stage changed the weights
