@@ -103,6 +103,9 @@ def run(args: RunArgs) -> int:
         raise PipoError(f"{folder}: neither an export folder (no {MANIFEST}) nor a checkpoint "
                         "folder (no config.json)")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
+    if _is_export(folder) and args.adapters and backend != Backend.TORCH:
+        raise PipoError(f"{folder} is an export folder: its weights are fixed, --adapter applies "
+                        "to checkpoints (export with --adapter, or run with --backend torch)")
     if not _is_export(folder) and not getattr(backend_module(backend), "RUNS_CHECKPOINTS", False):
         raise PipoError(f"{folder} has no {MANIFEST}; backend {backend.value} runs an "
                         "export folder (pipo-export export CKPT -o OUT)")

@@ -40,7 +40,7 @@ from pipo_export.fsutil import read_checkpoint_json
 from pipo_export.model.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 from pipo_export.model.config import PipoConfig, eos_from_generation_config, parse_config
 from pipo_export.model.source import (DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource,
-                                      TensorSource, normalize_key)
+                                      TensorSource, all_finite, normalize_key)
 
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
@@ -103,7 +103,7 @@ class AdapterSource:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{self.file}: cannot read safetensors ({exc})") from None
         for key, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise CheckpointError(f"{self.file}: tensor {key} holds NaN or Inf; the adapter "
                                       "is corrupt (save or download it again)")
         self.replacements: dict[str, torch.Tensor] = {}

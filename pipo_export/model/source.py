@@ -31,6 +31,15 @@ IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower: not part of the
 MAX_HEADER = 100 << 20
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in `tensor` (any shape; integer tensors always pass), checked a chunk of
+    elements at a time so the mask never costs more than 16 MB."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's header -> ({key: {dtype, shape, data_offsets}}, data start), checked
     as the safetensors library checks it (check_header). Tensors are then read with plain file
@@ -205,7 +214,7 @@ class SafetensorsSource:
         if not buf:
             return torch.empty(shape, dtype=getattr(torch, dtype))
         tensor = torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise CheckpointError(f"{path}: tensor {key} holds NaN or Inf; the checkpoint is "
                                   "corrupt (download it again)")
         return tensor

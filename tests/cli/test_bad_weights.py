@@ -182,3 +182,12 @@ def test_bad_weights_are_one_line_exit_2(case, command, pair, trace_cache, tmp_p
     assert len(lines) == 1 and "Traceback" not in err, (case, command, err)
     assert match.lower() in lines[0].lower(), (case, command, lines[0])
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, (case, command)
+
+
+def test_adapter_over_an_export_folder_is_one_line(pair, tmp_path, capsys):
+    """--adapter on an export folder run by onnxruntime would be ignored: refused instead
+    (checked before the export is loaded, so a bare manifest.json is enough)."""
+    (tmp_path / "manifest.json").write_text("{}")
+    code = cli.main(["run", str(tmp_path), "--adapter", str(pair[1]), "--ids", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--adapter applies to checkpoints" in err[0]
