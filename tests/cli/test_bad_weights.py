@@ -137,6 +137,8 @@ CASES = {  # name: (edit(base, adapter), text the one line must hold)
     "rank_pattern 0": (_config(rank_pattern={"q_proj": 0}), "rank_pattern"),
     "rank_pattern text": (_config(rank_pattern={"q_proj": "8"}), "rank_pattern"),
     "base eos outside vocab": (_generation_eos, "generation_config.json: eos_token_id is 9999"),
+    "adapter pad_token_id 1.7": (lambda base, adapter: (adapter / "config.json").write_text(
+        json.dumps({"pad_token_id": 1.7})), "pad_token_id is 1.7"),
 }
 COMMANDS = {
     "run": lambda root, cache: ["run", "--backend", "torch", "--ids", "5", "--max-steps", "1"],
