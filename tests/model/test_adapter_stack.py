@@ -59,8 +59,13 @@ def test_merge_command_stack_and_sequential_merges_agree(stack, tmp_path, capsys
     assert ours.pairs == ReferenceDecoder(merged.eval()).generate([PROMPT], opts)[0].pairs
 
 
-def test_bf16_stack_equals_two_merges_on_disk(tmp_path):
-    base, (sft, opd), _ = build_stack(tmp_path / "bf16", dtype=torch.bfloat16)
+def test_bf16_stack_equals_peft_and_two_merges_on_disk(tmp_path):
+    """A bf16 release: every merged tensor equals peft's bf16 sequential merge (exact here;
+    peft adds a bf16-rounded delta where we round once, so one bf16 rounding is the bound),
+    and the stacked merge equals merging SFT to disk, then OPD over that folder."""
+    base, (sft, opd), merged = build_stack(tmp_path / "bf16", dtype=torch.bfloat16)
+    _, src = open_adapter([sft, opd], base)
+    assert_equal_state(src.names(), src.get, merged)
     write_merged(sft, base, tmp_path / "sft-merged")
     write_merged(opd, tmp_path / "sft-merged", tmp_path / "two-step")
     write_merged([sft, opd], base, tmp_path / "stacked")
