@@ -74,9 +74,11 @@ def build(root, dtype=None, language_model_keys=False, **lora):
     return base, adapter, peft_model.merge_and_unload()
 
 
-# ms-swift's target_modules as a regular expression (peft: re.fullmatch on module names)
-OPD_TARGETS = (r"^(model\.layers\.\d+|mtp\.layers\.0)\.(self_attn|mlp)\."
-               r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+# target_modules as ms-swift writes a regex (swift get_multimodal_target_regex:
+# rf'^({"|".join(rf"{re.escape(module)}(?=\.).*\.({leaves})" for module in towers)})$'),
+# here over the PIPO model's two towers of projections; peft matches it with re.fullmatch
+_LEAVES = "|".join(sorted(PROJ))
+OPD_TARGETS = rf"^(model(?=\.).*\.({_LEAVES})|mtp(?=\.).*\.({_LEAVES}))$"
 
 
 def write_swift_files(adapter, base_name: str = "Qwen/Qwen3.5-4B") -> None:
