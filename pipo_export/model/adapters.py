@@ -135,8 +135,9 @@ class AdapterSource:
             return True
         if ".lora_" in path or self.config.targets(module):
             return False  # a target's parameters live under base_layer: unexpected key
-        name = normalize_key(path)[0]
-        return name is None or name in self._base_names or name.startswith(PIPO_PREFIXES)
+        name = normalize_key(path)[0]  # a parameter of the model (lm_head even when tied)?
+        return (name is None or name in self._base_names or name == LM_HEAD
+                or name.startswith(PIPO_PREFIXES))
 
     def _classify(self, tensors: dict[str, torch.Tensor]) -> None:
         halves: dict[str, dict] = {}

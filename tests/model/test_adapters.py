@@ -202,6 +202,8 @@ ERRORS = {  # case: (edits of the plain adapter, expected text of the one-line e
                           "rank_pattern['q_proj'] is '4'"),
     "rank_pattern-regex": (dict(config={"rank_pattern": {"(q": 4}}),
                            "rank_pattern key '(q' is not a valid regular expression"),
+    "tied-lm-head": (dict(tensors={P + "lm_head.weight": torch.zeros(320, 64)}),
+                     "the adapter saves lm_head.weight but the base ties it to embed_tokens"),
     "no-target": (dict(config={"target_modules": ["nope_proj"]}),
                   "peft refuses this adapter: no modules were targeted"),
 }
