@@ -72,3 +72,75 @@ def build(root, dtype=None, language_model_keys=False, **lora):
         save_file({k.replace("base_model.model.model.", "base_model.model.model.language_model."): v
                    for k, v in load_file(str(path)).items()}, str(path))
     return base, adapter, peft_model.merge_and_unload()
+
+
+# target_modules as ms-swift writes a regex (swift get_multimodal_target_regex:
+# rf'^({"|".join(rf"{re.escape(module)}(?=\.).*\.({leaves})" for module in towers)})$'),
+# here over the PIPO model's two towers of projections; peft matches it with re.fullmatch
+_LEAVES = "|".join(sorted(PROJ))
+OPD_TARGETS = rf"^(model(?=\.).*\.({_LEAVES})|mtp(?=\.).*\.({_LEAVES}))$"
+
+
+def write_swift_files(adapter, base_name: str = "Qwen/Qwen3.5-4B") -> None:
+    """The files ms-swift writes beside peft's two in a LoRA checkpoint folder:
+    - additional_config.json: swift/tuners/peft.py LoraConfig.save_pretrained dumps its fields
+      peft lacks, {"lora_dtype", "lorap_lr_ratio", "lorap_emb_lr"};
+    - args.json: the TrainArguments of the run (a subset here: the fields a LoRA run sets);
+    - configuration.json: ModelScope's model card stub {"framework", "task", "allow_remote"}.
+    adapter_config.json and adapter_model.safetensors are peft's save_pretrained output
+    (ms-swift calls it, after dropping its own fields), keys base_model.model.<module>...."""
+    (adapter / "additional_config.json").write_text(json.dumps(
+        {"lora_dtype": None, "lorap_lr_ratio": None, "lorap_emb_lr": 1e-06}))
+    (adapter / "args.json").write_text(json.dumps(
+        {"model": base_name, "model_type": "qwen3_5_mtp", "train_type": "lora",
+         "rlhf_type": "gkd", "lora_rank": 8, "lora_alpha": 16, "target_modules": ["all-linear"],
+         "modules_to_save": SAVED, "torch_dtype": "bfloat16", "adapters": [],
+         "output_dir": "output/v0-20260101-000000"}, indent=2))
+    (adapter / "configuration.json").write_text(json.dumps(
+        {"framework": "pytorch", "task": "text-generation", "allow_remote": True}))
+
+
+def _train(model, folder, seed: int, **lora):
+    """get_peft_model with random factors and modules_to_save copies moved off the base, saved
+    to `folder`; -> peft's merge_and_unload model."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(**{
+        "r": 8, "lora_alpha": 16, "init_lora_weights": False, "target_modules": PROJ,
+        "modules_to_save": SAVED, **lora}))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape).to(p.dtype) * 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(folder))
+    return peft_model.merge_and_unload()
+
+
+def build_stack(root, dtype=None):
+    """A two-stage release like the PIPO authors': (base, [sft, opd], peft's sequential merge).
+    The SFT adapter is trained over the base; the OPD adapter (ms-swift folder layout, regex
+    target_modules) over the SFT-merged model; the reference is merge_and_unload twice."""
+    model = random_model(TINY_TEXT_CONFIG, seed=1)
+    if dtype is not None:
+        model.to(dtype)
+    base = write_base(root / "base", model)
+    sft, opd = root / "sft", root / "opd"
+    model = _train(model, sft, 2)
+    merged = _train(model, opd, 3, target_modules=OPD_TARGETS)
+    write_swift_files(opd)
+    return base, [sft, opd], merged
+
+
+def peft_load_merge(adapters, dtype=None):
+    """peft's own reading of saved folders: PeftModel.from_pretrained over a fresh copy of the
+    base model, then merge_and_unload, once per adapter in order."""
+    from peft import PeftModel
+    model = random_model(TINY_TEXT_CONFIG, seed=1)
+    if dtype is not None:
+        model.to(dtype)
+    for folder in adapters:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return model

@@ -199,6 +199,7 @@ class ExportInfo(_Json):
     tool_versions: dict[str, str]
     source: str | None = None  # the checkpoint folder (the torch backend reloads it)
     base: str | None = None  # the Qwen3.5 base folder when `source` is a PEFT adapter
+    adapters: list[str] = field(default_factory=list)  # every adapter over `base`, merge order
     created: str | None = None
     timings: dict[str, float] | None = None
     validation: dict[str, Any] | None = None

@@ -49,11 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(ns: argparse.Namespace) -> int:
     from pipo_export.export.pipeline import export
 
-    export(ExportOptions(checkpoint=ns.checkpoint, out=ns.out, target=Target(ns.target),
+    export(ExportOptions(checkpoint=ns.checkpoint or "", out=ns.out, target=Target(ns.target),
                          dtype=DType(ns.dtype), max_context=ns.max_context, force=ns.force,
                          opset=ns.opset, sample_cap=ns.sample_cap,
                          validate=not ns.no_validate, mode=Mode(ns.mode),
-                         base=ns.base, trace_cache=ns.trace_cache,
+                         base=ns.base, adapters=list(ns.adapters),
+                         trace_cache=ns.trace_cache,
                          weights=ns.weights, block_size=ns.block_size,
                          accuracy_level=ns.accuracy_level,
                          symmetric=not ns.asymmetric))

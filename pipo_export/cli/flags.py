@@ -43,9 +43,14 @@ def names(text: str) -> list[str]:
 def add_source_flags(p: argparse.ArgumentParser, name: str = "checkpoint",
                      help: str = "PIPO checkpoint folder, or a PEFT adapter folder with --base",
                      base_help: str = "the Qwen3.5 base folder of an adapter") -> None:
-    """The folder a command reads (positional `name`) and the base of an adapter (--base)."""
-    p.add_argument(name, help=help)
+    """The folder a command reads (positional `name`, optional when adapters are given with
+    --adapter), the base of an adapter (--base) and more adapters merged in order (--adapter A
+    [--adapter B ...], after the positional folder when that is an adapter too)."""
+    p.add_argument(name, nargs="?", default=None, help=help)
     p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="FOLDER",
+                   help="PEFT adapter folder merged over --base; repeat to stack adapters, "
+                        "merged in order (e.g. the SFT adapter, then the OPD adapter)")
 
 
 def add_backend_flags(p: argparse.ArgumentParser,

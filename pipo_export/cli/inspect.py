@@ -5,7 +5,7 @@ import argparse
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipo_export.cli.flags import add_source_flags
@@ -14,9 +14,10 @@ from pipo_export.errors import PipoError
 
 @dataclass
 class InspectArgs:
-    checkpoint: str
+    checkpoint: str | None
     json: bool = False
     base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder
+    adapters: list[str] = field(default_factory=list)  # more adapters, merged in order
 
 
 def module_of(key: str) -> str:
@@ -28,9 +29,16 @@ def module_of(key: str) -> str:
     return key.split(".")[0]
 
 
-def inspect_report(path: str, base: str | None = None) -> dict:
+def check_finite(source) -> None:
+    """Read every tensor once (one at a time; adapters merged): a NaN or Inf anywhere is a
+    CheckpointError naming the tensor (the sources check each tensor they read)."""
+    for key in source.names():
+        source.get(key)
+
+
+def inspect_report(path: str | None, base: str | None = None, adapters=()) -> dict:
     """What the loader finds: layout, dims, parameter counts per module, problems (names,
-    shapes, missing modules); reads no weight."""
+    shapes, missing modules); every tensor is read once to refuse NaN or Inf."""
     from pipo_export.model.adapters import is_adapter_folder
     from pipo_export.model.checkpoint import CheckpointLayout, open_checkpoint
     from pipo_export.model.config import load_config
@@ -38,9 +46,9 @@ def inspect_report(path: str, base: str | None = None) -> dict:
 
     problems, counts = [], Counter()
     try:
-        cfg, source, layout = open_checkpoint(path, base)
+        cfg, source, layout = open_checkpoint(path, base, adapters)
     except PipoError as exc:  # names or shapes do not fit: show the config and the problem
-        if is_adapter_folder(path):
+        if path is None or adapters or is_adapter_folder(path):
             raise
         cfg, problems = load_config(Path(path)), [str(exc)]
         source = SafetensorsSource.open(path)
@@ -49,6 +57,7 @@ def inspect_report(path: str, base: str | None = None) -> dict:
                                   source.ignored)
     for key in source.names():
         counts[module_of(key)] += math.prod(source.shape(key))
+    check_finite(source)
     text = cfg.text
     return {
         "folder": str(layout.folder),
@@ -60,6 +69,7 @@ def inspect_report(path: str, base: str | None = None) -> dict:
         "tied_lm_head": layout.tied_lm_head,
         "compressor_type": cfg.compressor_type.value if cfg.compressor_type else None,
         "adapter": str(layout.adapter) if layout.adapter else None,
+        "adapters": [str(a) for a in layout.adapters],
         "dims": {"vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
                  "intermediate_size": text.intermediate_size, "layers": text.num_hidden_layers,
                  "attention_heads": text.num_attention_heads, "kv_heads": text.num_key_value_heads,
@@ -77,7 +87,7 @@ def inspect_report(path: str, base: str | None = None) -> dict:
 
 
 def run_inspect(args: InspectArgs) -> int:
-    report = inspect_report(args.checkpoint, args.base)
+    report = inspect_report(args.checkpoint, args.base, args.adapters)
     if args.json:
         print(json.dumps(report, indent=2))
         return 1 if report["problems"] else 0
@@ -87,6 +97,8 @@ def run_inspect(args: InspectArgs) -> int:
     print(f"  backbone keys   {report['backbone_key_prefix']}*   ignored keys: {report['ignored_keys']}")
     print(f"  lm_head         {'tied to embed_tokens' if report['tied_lm_head'] else 'untied'}")
     print(f"  compressor      {report['compressor_type']}")
+    if report["adapters"]:
+        print(f"  adapters        {' + '.join(report['adapters'])} (merged in order)")
     print("  dims            " + ", ".join(f"{k}={v}" for k, v in report["dims"].items()))
     print(f"  layers          {report['layer_pattern']}  (L = linear_attention, F = full_attention)")
     print(f"  pad / eos       {report['pad_token_id']} / {report['eos_token_ids'] or 'none'}")
@@ -105,4 +117,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(ns: argparse.Namespace) -> int:
-    return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json, base=ns.base))
+    return run_inspect(InspectArgs(checkpoint=ns.checkpoint, json=ns.json, base=ns.base,
+                                   adapters=list(ns.adapters)))

@@ -1,5 +1,6 @@
-"""`pipo-export merge ADAPTER --base BASE -o OUT`: a PEFT LoRA adapter merged into its Qwen3.5
-base, written as a PIPO checkpoint folder (base layout and dtypes kept, PIPO fields added)."""
+"""`pipo-export merge ADAPTER --base BASE -o OUT` (or `--base BASE --adapter A --adapter B`):
+PEFT LoRA adapters merged, in order, into their Qwen3.5 base, written as a PIPO checkpoint
+folder (base layout and dtypes kept, PIPO fields added)."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def command(ns: argparse.Namespace) -> int:
     from pipo_export.model.adapters import write_merged
 
-    files = write_merged(ns.adapter, ns.base, ns.out, dtype=getattr(ns, "dtype", None),
+    stack = [ns.adapter] * bool(ns.adapter) + list(getattr(ns, "adapters", []))
+    files = write_merged(stack, ns.base, ns.out, dtype=getattr(ns, "dtype", None),
                          force=ns.force)
-    print(f"merged {ns.adapter} into {ns.base}: wrote {ns.out} ({len(files)} weight "
+    print(f"merged {' + '.join(stack)} into {ns.base}: wrote {ns.out} ({len(files)} weight "
           f"file{'s' if len(files) > 1 else ''})")
     return 0

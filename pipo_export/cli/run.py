@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipo_graphs import SamplingParams
@@ -23,7 +23,7 @@ from pipo_export.errors import PipoError
 
 @dataclass
 class RunArgs:
-    source: str
+    source: str | None
     backend: Backend | None = None  # None: torch for a checkpoint, onnxruntime for an export
     ids: list[list[int]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -35,6 +35,7 @@ class RunArgs:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     base: str | None = None  # the Qwen3.5 base of a PEFT adapter folder (torch)
+    adapters: list[str] = field(default_factory=list)  # more adapters merged after `source`
     dtype: str = RunnerOptions.dtype  # torch on a checkpoint folder
     json: bool = False
     stream: bool = False
@@ -56,7 +57,8 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
     from pipo_runtime.session import GenerationConfig, PipoSession
 
     session = PipoSession.load(args.source, backend=backend, providers=tuple(args.providers),
-                               threads=args.threads, base=args.base, dtype=args.dtype)
+                               threads=args.threads, base=args.base,
+                               adapters=tuple(args.adapters), dtype=args.dtype)
     config = GenerationConfig(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
                               threshold=args.threshold, sampling=args.sampling, seed=args.seed,
                               stop_token_ids=tuple(args.stop_token_ids),
@@ -89,6 +91,11 @@ def generate(args: RunArgs, backend: Backend) -> list[dict]:
 
 
 def run(args: RunArgs) -> int:
+    if not args.source and args.adapters:  # --base BASE --adapter A [--adapter B ...]
+        args = replace(args, source=args.adapters[0], adapters=args.adapters[1:])
+    if not args.source:
+        raise PipoError("no model: give a checkpoint or export folder, or --base BASE "
+                        "--adapter ADAPTER")
     folder = Path(args.source)
     if not folder.is_dir():
         raise PipoError(f"{folder}: no such folder (give a checkpoint or an export folder)")
@@ -99,6 +106,9 @@ def run(args: RunArgs) -> int:
         raise PipoError(f"{folder}: neither an export folder (no {MANIFEST}) nor a checkpoint "
                         "folder (no config.json)")
     backend = args.backend or (Backend.ONNXRUNTIME if _is_export(folder) else Backend.TORCH)
+    if _is_export(folder) and args.adapters and backend != Backend.TORCH:
+        raise PipoError(f"{folder} is an export folder: its weights are fixed, --adapter applies "
+                        "to checkpoints (export with --adapter, or run with --backend torch)")
     if not _is_export(folder) and not getattr(backend_module(backend), "RUNS_CHECKPOINTS", False):
         raise PipoError(f"{folder} has no {MANIFEST}; backend {backend.value} runs an "
                         "export folder (pipo-export export CKPT -o OUT)")
@@ -139,5 +149,5 @@ def command(ns: argparse.Namespace) -> int:
                        max_steps=max_steps_from(ns), max_new_tokens=ns.max_new_tokens,
                        stop_token_ids=tuple(ns.stop_token_ids), stop_strings=tuple(ns.stop),
                        threshold=ns.threshold, sampling=sampling_from(ns), seed=ns.seed,
-                       base=ns.base, dtype=ns.dtype, json=ns.json, stream=ns.stream,
+                       base=ns.base, adapters=list(ns.adapters), dtype=ns.dtype, json=ns.json, stream=ns.stream,
                        providers=providers_from(ns), threads=ns.threads))

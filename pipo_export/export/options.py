@@ -2,7 +2,7 @@
 from here)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipo_graphs.contract import DEFAULT_SAMPLE_CAP, Mode, Target
 from pipo_graphs.dtypes import DType
@@ -23,6 +23,8 @@ class ExportOptions:
     validate: bool = True
     mode: Mode = Mode.PIPO
     base: str | None = None  # the Qwen3.5 base folder when `checkpoint` is a PEFT adapter
+    adapters: list[str] = field(default_factory=list)  # PEFT adapters over `base`, in merge
+    # order, after `checkpoint` when that is an adapter folder too (checkpoint may then be "")
     trace_cache: str | None = None  # folder of traced pieces reused across exports
     weights: str = "float"  # float | int8 | int4 (pipo_export.export.quantize.WeightFormat)
     block_size: int = 32  # quantization block along K (int8/int4)

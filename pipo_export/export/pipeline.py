@@ -43,7 +43,7 @@ from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
-from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
+from pipo_export.model.checkpoint import checkpoint_stack, open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
 from pipo_export.model.steps import LOGITS
 from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
@@ -188,9 +188,10 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
 
 def export(opts: ExportOptions) -> Manifest:
     check_options(opts)
-    t0 = progress(1, f"opening checkpoint {opts.checkpoint}"
+    named = " + ".join([opts.checkpoint] * bool(opts.checkpoint) + list(opts.adapters))
+    t0 = progress(1, f"opening checkpoint {named}"
                   + (f" over base {opts.base}" if opts.base else ""))
-    cfg, source, layout = open_checkpoint(opts.checkpoint, opts.base)
+    cfg, source, layout = open_checkpoint(opts.checkpoint or None, opts.base, opts.adapters)
     dtype, lowering = torch_dtype(opts.dtype), lowering_for(opts.target)
     model = skeleton(cfg)
     dims = model_dims(model)
@@ -310,6 +311,8 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states,
                    stored: WeightsInfo, timings, validation, specs) -> Manifest:
     """The typed manifest (pipo_graphs.manifest): a misspelt field fails here, a value of the
     wrong type in Manifest.dumps; `files` is filled once every file is written."""
+    folder, stack = checkpoint_stack(opts.checkpoint or None, opts.base, opts.adapters)
+
     def tensors(graph: str, wanted) -> list[TensorInfo]:
         return [TensorInfo(**t) for t in io[graph] if t["name"] in set(wanted)]
 
@@ -329,8 +332,9 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states,
         export=ExportInfo(
             mode=opts.mode, target=opts.target, dtype=opts.dtype, opset=opts.opset,
             sample_cap=min(opts.sample_cap, dims.vocab_size), tool_versions=tool_versions(),
-            source=str(Path(opts.checkpoint).resolve()),
+            source=str((stack[0] if stack else folder).resolve()),
             base=str(Path(opts.base).resolve()) if opts.base else None,
+            adapters=[str(a.resolve()) for a in stack],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             timings=timings, validation=validation),
         graphs={g: GraphInfo(file=GRAPH_FILES[g], inputs=tensors(g, spec.input_names),

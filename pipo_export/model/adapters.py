@@ -1,17 +1,25 @@
 """PEFT LoRA adapters over plain Qwen3.5 checkpoints: read, merge tensor by tensor, write.
 
-PIPO authors release a model as a PEFT adapter folder (adapter_config.json +
-adapter_model.safetensors, keys ``base_model.model.<module>...``) over a plain Qwen3.5 base:
+PIPO authors release a model as PEFT adapter folders (adapter_config.json +
+adapter_model.safetensors, keys ``base_model.model.<module>...``; ms-swift writes the same,
+see adapter_config.py) over a plain Qwen3.5 base, possibly stacked: an SFT adapter over the
+base, then an OPD adapter trained over the SFT-merged model. Each folder holds
 - LoRA factors of 2-D weights: ``<module>.lora_A.weight`` [r, in], ``<module>.lora_B.weight``
   [out, r]; for an embedding ``lora_embedding_A`` [r, V] and ``lora_embedding_B`` [H, r];
 - full tensors of ``modules_to_save`` (compressor, confidence head, MTP fc and norms), which
-  replace base tensors or add ones the base lacks (so are saved embedding layers and, with
-  ``bias`` other than "none", trained biases).
+  replace base tensors or add ones the base lacks.
+Which keys apply follows peft's loading: factors only of modules its rules target
+(target_modules, layers_to_transform/layers_pattern, exclude_modules, never inside
+modules_to_save); full tensors under modules_to_save, at ``<target>.base_layer.*``, or naming a
+model parameter outside a target (load_state_dict(strict=False) loads those); every other key
+is ignored, as peft ignores it.
 `AdapterSource` shows base + adapter as one TensorSource and merges on read as peft's
 ``merge_and_unload`` does: ``W' = W + (B @ A) * scaling`` ([out, in]; transposed for embeddings)
 in float32, ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rslora), r and alpha per module by
 peft's own rank_pattern / alpha_pattern matching. fan_in_fan_out is ignored, as peft ignores it
 for nn.Linear targets (every Qwen3.5/PIPO projection). A tied lm_head follows the embedding.
+Stacked adapters are AdapterSources over AdapterSources; each later adapter sees the earlier
+merge as stored (in the base's dtypes), its modules_to_save replace earlier tensors.
 `write_merged` (the ``merge`` command) writes the merged folder shard by shard.
 """
 from __future__ import annotations
@@ -19,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,23 +37,16 @@ from safetensors.torch import load_file, save_file
 
 from pipo_export.errors import CheckpointError
 from pipo_export.fsutil import read_checkpoint_json
-from pipo_export.model.config import PipoConfig, parse_config
-from pipo_export.model.source import DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource, TensorSource, \
-    normalize_key
+from pipo_export.model.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
+from pipo_export.model.config import PipoConfig, eos_from_generation_config, parse_config
+from pipo_export.model.source import (DEFAULT_SHARD_BYTES, INDEX_FILE, SafetensorsSource,
+                                      TensorSource, all_finite, normalize_key)
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
                  ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
-EMBEDDINGS = ("embed_tokens", "lm_head")  # peft may save these whole
+PIPO_PREFIXES = ("compressor.", "confidence_head.")  # parameters of every PIPO model
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")  # they change the base at init
-UNSUPPORTED = {  # LoraConfig field -> what it is; a truthy value is refused
-    "use_dora": "DoRA (use_dora)", "layer_replication": "layer_replication",
-    "lora_bias": "lora_bias", "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable_token_indices", "alora_invocation_tokens": "aLoRA",
-    "arrow_config": "Arrow", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
-    "monteclora_config": "MonteCLoRA", "use_qalora": "QALoRA", "megatron_config": "Megatron"}
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "chat_template.json", "generation_config.json", "preprocessor_config.json",
@@ -56,77 +56,6 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 def is_adapter_folder(path: str | Path) -> bool:
     """True when `path` is a PEFT adapter folder (holds adapter_config.json)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-@dataclass
-class AdapterConfig:
-    """adapter_config.json, parsed by peft's own LoraConfig and checked for what we merge."""
-
-    folder: Path
-    lora: object  # peft.LoraConfig
-    base_model_name_or_path: str | None = None
-
-    @classmethod
-    def read(cls, folder: str | Path) -> "AdapterConfig":
-        """Check the folder's files, parse its config, refuse what plain LoRA merging cannot do."""
-        from peft import PeftConfig, PeftType
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"adapter folder {folder} not found")
-        if not (folder / ADAPTER_CONFIG).is_file():
-            raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}; a PEFT adapter folder holds "
-                                  f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (save_pretrained)")
-        if not (folder / ADAPTER_WEIGHTS).is_file():
-            if (folder / "adapter_model.bin").is_file():
-                raise CheckpointError(f"{folder}: adapter_model.bin must be converted to "
-                                      f"{ADAPTER_WEIGHTS} (torch.load, safetensors save_file)")
-            raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
-        path = folder / ADAPTER_CONFIG
-        read_checkpoint_json(path)  # a clear error for a broken file; peft reads it below
-        raw = PeftConfig.from_json_file(str(path))
-        kind = str(raw.get("peft_type") or "untyped (no peft_type)")
-        if kind != PeftType.LORA.value:
-            raise CheckpointError(f"{path}: {kind} adapters are not supported; pipo-export merges "
-                                  "LoRA adapters")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lora = PeftConfig.from_peft_type(**raw)
-        except Exception as exc:  # peft raises ValueError/TypeError/ImportError on bad fields
-            raise CheckpointError(f"{path}: peft cannot parse this LoRA config ({exc})") from None
-        for name in ("r", "lora_alpha"):
-            value = getattr(lora, name, None)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or value <= 0 or (
-                    name == "r" and not isinstance(value, int)):
-                raise CheckpointError(f"{path}: {name} is {value!r}; expected a "
-                                      f"{'positive integer' if name == 'r' else 'number > 0'}")
-        for name, what in UNSUPPORTED.items():
-            if getattr(lora, name, None):
-                raise CheckpointError(f"{path}: {what} adapters are not supported; pipo-export "
-                                      "merges plain LoRA (merge with peft's merge_and_unload "
-                                      "and pass the merged checkpoint instead)")
-        init = lora.init_lora_weights
-        if isinstance(init, str) and init.lower().startswith(REWRITING_INITS):
-            raise CheckpointError(
-                f"{path}: init_lora_weights={init!r} changed the base weights at init, so the "
-                "adapter does not fit the released base; convert it to plain LoRA with "
-                "save_pretrained(path_initial_model_for_weight_conversion=...)")
-        return cls(folder, lora, raw.get("base_model_name_or_path"))
-
-    def scaling(self, module: str) -> tuple[int, float]:
-        """(r, scaling) of `module`, named as trained (model.layers.3.self_attn.q_proj)."""
-        from peft.utils.other import get_pattern_key
-        ranks, alphas = self.lora.rank_pattern or {}, self.lora.alpha_pattern or {}
-        r = ranks.get(get_pattern_key(ranks.keys(), module), self.lora.r)
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), self.lora.lora_alpha)
-        return int(r), (alpha / math.sqrt(r) if self.lora.use_rslora else alpha / r)
-
-    def saves_module(self, module: str) -> bool:
-        """peft's modules_to_save rule (plain suffix match) on `module` or a parent of it."""
-        parts = module.split(".")
-        return any(".".join(parts[:i]).endswith(t) for t in self.lora.modules_to_save or []
-                   for i in range(1, len(parts) + 1))
 
 
 @dataclass
@@ -155,8 +84,11 @@ class AdapterSource:
 
     names(): every base name plus the adapter's full tensors the base lacks (compressor, ...).
     get(name): the adapter's full tensor if it saved one, else the base tensor; with LoRA
-    merged in float32 (returned as float32: the caller casts), else as stored.
+    merged in float32 (returned as float32: the caller casts), else as stored. Over another
+    AdapterSource, the base tensor is first cast to its stored dtype (the merged model the
+    later adapter was trained over, as saved).
     dtype(name): the dtype to store `name` in (the base's; the adapter's for adapter-only ones).
+    ignored: adapter keys peft would not load (not selected by its rules).
     """
 
     def __init__(self, base: TensorSource, adapter_folder: str | Path,
@@ -167,36 +99,68 @@ class AdapterSource:
         self.tied = (LM_HEAD not in self._base_names) if tied is None else tied
         self.file = self.folder / ADAPTER_WEIGHTS
         try:
-            tensors = load_file(str(self.file))
+            tensors = load_file(str(self.file))  # the safetensors library checks the header
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{self.file}: cannot read safetensors ({exc})") from None
+        for key, value in tensors.items():
+            if not all_finite(value):
+                raise CheckpointError(f"{self.file}: tensor {key} holds NaN or Inf; the adapter "
+                                      "is corrupt (save or download it again)")
         self.replacements: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, list[LoraDelta]] = {}
+        self.ignored: list[str] = []
         self._classify(tensors)
         self._validate()
 
+    @property
+    def root(self) -> SafetensorsSource:
+        """The checkpoint folder under every adapter of the stack."""
+        return getattr(self.base, "root", self.base)
+
+    def _trained_modules(self, language_model: bool) -> set[str]:
+        """Module names of the model the adapter was trained on (from the base's and the
+        adapter's tensor names, with the wrapper's ``model.language_model.`` when its keys
+        have it): what peft's target rules ran over."""
+        names = set(self._base_names) | set(self.replacements)
+        if language_model:
+            names = {"model.language_model." + n[6:] if n.startswith("model.") else n
+                     for n in names} | set(self.root.ignored)
+        return {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+
+    def _applies(self, path: str, module: str) -> bool:
+        """Whether peft loads the full tensor at `path` (named as trained) into the model."""
+        if ".base_layer." in path:  # a target's own weight or bias
+            return self.config.targets(path.partition(".base_layer.")[0])
+        if self.config.saves_module(module):
+            return True
+        if ".lora_" in path or self.config.targets(module):
+            return False  # a target's parameters live under base_layer: unexpected key
+        name = normalize_key(path)[0]  # a parameter of the model (lm_head even when tied)?
+        return (name is None or name in self._base_names or name == LM_HEAD
+                or name.startswith(PIPO_PREFIXES))
+
     def _classify(self, tensors: dict[str, torch.Tensor]) -> None:
         halves: dict[str, dict] = {}
-        for key, value in tensors.items():
+        for key, value in sorted(tensors.items()):
             path = key.removeprefix(PEFT_PREFIX)
             lora = next(((path[:-len(s)], *v) for s, v in LORA_SUFFIXES.items()
                          if path.endswith(s)), None)
             full = path.replace(".base_layer.", ".")
+            applied = (self.config.targets(lora[0]) if lora
+                       else self._applies(path, full.rpartition(".")[0]))
+            if not applied:
+                self.ignored.append(key)
+                continue
             name = normalize_key(lora[0] + ".weight" if lora else full)[0]
             if name is None:
                 raise CheckpointError(f"{self.file}: {key} is in the vision tower; pipo-export "
                                       "merges the text model only (drop vision LoRA)")
             if lora:
                 halves.setdefault(lora[0], {"name": name, "emb": lora[2]})[lora[1]] = value
-                continue
-            module = full.rpartition(".")[0]
-            saved = (self.config.saves_module(module) or module.rpartition(".")[2] in EMBEDDINGS
-                     or (self.config.lora.bias != "none" and full.endswith(".bias")))
-            if ".lora_" in path or not saved:
-                raise CheckpointError(f"{self.file}: {key} is neither a LoRA factor nor under "
-                                      f"modules_to_save; list its module in {ADAPTER_CONFIG} "
-                                      "modules_to_save or remove it")
-            self.replacements[name] = value
+            else:
+                self.replacements[name] = value
+        language_model = any(k.startswith(PEFT_PREFIX + "model.language_model.") for k in tensors)
+        self.config.check_targets_exist(self._trained_modules(language_model))
         for module, h in sorted(halves.items()):
             if "A" not in h or "B" not in h:
                 have, lack = ("A", "B") if "A" in h else ("B", "A")
@@ -261,18 +225,24 @@ class AdapterSource:
         return str(self.replacements[name].dtype).removeprefix("torch.")
 
     def get(self, name: str) -> torch.Tensor:
-        weight = self.replacements[name] if name in self.replacements else self.base.get(name)
+        if name in self.replacements:
+            weight = self.replacements[name]
+        elif isinstance(self.base, AdapterSource):  # the earlier merge, as it would be saved
+            weight = self.base.get(name).to(getattr(torch, self.base.dtype(name)))
+        else:
+            weight = self.base.get(name)
         for d in self.deltas.get(name, []):
             weight = weight.float() + d.delta()  # peft: W.data += delta (same float32 sum)
         return weight
 
 
-def _pad_token_id(adapter: Path, base: Path, raw: dict) -> int:
-    """pad_token_id from the adapter's config.json, the base config, or the base tokenizer."""
-    for c in (read_checkpoint_json(adapter / "config.json", {}), raw):
+def _pad_token_id(adapters: list[Path], base: Path, raw: dict):
+    """pad_token_id from an adapter's config.json (the last one that has it), the base config,
+    or the base tokenizer (checked against the vocabulary by parse_config)."""
+    for c in [read_checkpoint_json(a / "config.json", {}) for a in reversed(adapters)] + [raw]:
         for d in (c, c.get("text_config") or {}):
             if d.get("pad_token_id") is not None:
-                return int(d["pad_token_id"])
+                return d["pad_token_id"]
     tc = read_checkpoint_json(base / "tokenizer_config.json", {})
     pad = tc.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
@@ -284,69 +254,91 @@ def _pad_token_id(adapter: Path, base: Path, raw: dict) -> int:
         ids.update({v.get("content"): int(k)
                     for k, v in (tc.get("added_tokens_decoder") or {}).items()})
         if ids.get(pad) is not None:
-            return int(ids[pad])
+            return ids[pad]
     raise CheckpointError(f"{base}: no pad_token_id in config.json and no pad_token in "
                           f"tokenizer_config.json; write {{\"pad_token_id\": ID}} to "
-                          f"{adapter / 'config.json'} (248044 for the Qwen3.5 tokenizer)")
+                          f"{adapters[-1] / 'config.json'} (248044 for the Qwen3.5 tokenizer)")
 
 
-def open_merged(adapter_folder: str | Path,
-                base_folder: str | Path | None) -> tuple[PipoConfig, AdapterSource, dict]:
-    """(config, merged source, config.json to write: the base's + PIPO fields), validated up
-    front from headers and shapes (no base weight is read)."""
-    acfg = AdapterConfig.read(adapter_folder)
+def adapter_list(adapters) -> list[Path]:
+    """One adapter folder or a sequence of them (merged in order) -> list of Paths."""
+    if isinstance(adapters, (str, Path)):
+        return [Path(adapters)]
+    return [Path(a) for a in adapters or ()]
+
+
+def _compressor_type(base_cfg: str | None, acfgs: list[AdapterConfig], names: list[str]):
+    """The compressor type: from the keys (compressor.mlp.* / compressor.linear.*), which must
+    agree with what the base config or an adapter's ms-swift config says (the last one)."""
+    keyed = ("mlp" if "compressor.mlp.0.weight" in names else
+             "linear" if "compressor.linear.weight" in names else None)
+    said = [(a.folder, a.compressor_type) for a in acfgs if a.compressor_type]
+    where, declared = said[-1] if said else ("the base config.json", base_cfg)
+    if declared and keyed and declared != keyed:
+        raise CheckpointError(f"{where}: compressor_type {declared!r} but the weights hold "
+                              f"compressor.{keyed}.*; fix compressor_type")
+    return keyed or declared
+
+
+def open_merged(adapters, base_folder: str | Path | None
+                ) -> tuple[PipoConfig, AdapterSource, dict]:
+    """`adapters` (a folder, or folders merged in order) over `base_folder` -> (config, merged
+    source, config.json to write: the base's + PIPO fields), validated up front from headers
+    and shapes (no base weight is read)."""
+    folders = adapter_list(adapters)
+    if not folders:
+        raise CheckpointError("no adapter given; pass --adapter FOLDER with --base BASE")
+    acfgs = [AdapterConfig.read(a) for a in folders]
     if base_folder is None:
-        named = acfg.base_model_name_or_path
+        named = acfgs[0].base_model_name_or_path
         raise CheckpointError("--base BASE is required for an adapter folder"
-                              + (f" ({ADAPTER_CONFIG} names {named})" if named else ""))
+                              + (f" ({folders[0]} names {named})" if named else ""))
     base = Path(base_folder)
     if not base.is_dir():
         raise CheckpointError(f"base folder {base} not found")
     if is_adapter_folder(base):
-        raise CheckpointError(f"{base} is itself an adapter folder; --base takes the full model")
+        raise CheckpointError(f"{base} is itself an adapter folder; --base takes the full model "
+                              "(stack adapters with --adapter A --adapter B)")
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base}: no config.json; the base is a Hugging Face Qwen3.5 folder")
     raw = read_checkpoint_json(base / "config.json")
     parse_config(dict(raw, pad_token_id=0), str(base / "config.json"))  # layout errors first
     text = raw["text_config"] if raw.get("model_type") == "qwen3_5" else raw
     tied = bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)))
-    source = AdapterSource(SafetensorsSource.open(base), adapter_folder, acfg, tied=tied)
+    source = SafetensorsSource.open(base)
+    for acfg in acfgs:  # each adapter over the merge of the ones before it
+        source = AdapterSource(source, acfg.folder, acfg, tied=tied)
     names = source.names()
     if not any(n.startswith("mtp.") for n in names):
         raise CheckpointError(f"{base}: no mtp.* tensors; pass the original Qwen3.5 release as "
                               "--base (a model re-saved by transformers has lost its MTP weights)")
-    comp = raw.get("compressor_type") or text.get("compressor_type") or (
-        "mlp" if "compressor.mlp.0.weight" in names else
-        "linear" if "compressor.linear.weight" in names else None)
+    comp = _compressor_type(raw.get("compressor_type") or text.get("compressor_type"), acfgs, names)
     if comp is None or not any(n.startswith("confidence_head.") for n in names):
         lacking = "compressor" if comp is None else "confidence_head"
-        raise CheckpointError(f"{adapter_folder}: no {lacking} tensors in adapter or base; a PIPO "
+        raise CheckpointError(f"{folders[-1]}: no {lacking} tensors in adapter or base; a PIPO "
                               "adapter saves compressor and confidence_head in modules_to_save")
     fields = {"compressor_type": comp, "mtp_num_hidden_layers": 1,
-              "pad_token_id": _pad_token_id(Path(adapter_folder), base, raw)}
+              "pad_token_id": _pad_token_id(folders, base, raw)}
     config_json = json.loads(json.dumps(raw))
     config_json.update(fields)  # top level: beside text_config for the wrapper
     inner = config_json.get("text_config") or {}
     for key in fields.keys() & inner.keys():  # no disagreeing copy inside text_config
         inner[key] = fields[key]
     cfg = parse_config(config_json, str(base / "config.json"))
-    if not cfg.eos_token_ids:  # from generation_config.json, as load_config does
-        eos = read_checkpoint_json(base / "generation_config.json", {}).get("eos_token_id")
-        cfg.eos_token_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])
-                             if e is not None]
+    eos_from_generation_config(cfg, base)  # as load_config does; ids checked against the vocab
     return cfg, source, config_json
 
 
-def open_adapter(adapter_folder: str | Path,
-                 base_folder: str | Path | None) -> tuple[PipoConfig, TensorSource]:
-    """(PipoConfig = the base config + PIPO fields, TensorSource of the merged tensors)."""
-    return open_merged(adapter_folder, base_folder)[:2]
+def open_adapter(adapters, base_folder: str | Path | None) -> tuple[PipoConfig, TensorSource]:
+    """(PipoConfig = the base config + PIPO fields, TensorSource of the merged tensors) of one
+    adapter folder or a sequence of them, merged in order over `base_folder`."""
+    return open_merged(adapters, base_folder)[:2]
 
 
-def write_merged(adapter_folder: str | Path, base_folder: str | Path | None, out: str | Path,
+def write_merged(adapters, base_folder: str | Path | None, out: str | Path,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None,
                  force: bool = False) -> list[str]:
-    """Write the adapter merged into the base as a Hugging Face folder, a shard at a time.
+    """Write the adapter(s) merged into the base as a Hugging Face folder, a shard at a time.
 
     Keys keep the base's layout (``model.language_model.*`` stays), visual tensors are copied
     unchanged, each text tensor is stored in the base's dtype (the adapter's for tensors the
@@ -357,8 +349,8 @@ def write_merged(adapter_folder: str | Path, base_folder: str | Path | None, out
     from pipo_graphs.dtypes import itemsize
 
     from pipo_export.fsutil import atomic_dir
-    _, src, config_json = open_merged(adapter_folder, base_folder)
-    base = src.base
+    _, src, config_json = open_merged(adapters, base_folder)
+    base = src.root
     dtype = getattr(dtype, "value", dtype)
     items = []  # (stored key, reader, bytes)
     for name in src.names():

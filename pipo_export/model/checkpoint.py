@@ -34,7 +34,8 @@ class CheckpointLayout:
     tied_lm_head: bool
     weight_dtypes: list[str]
     ignored_keys: list[str] = field(default_factory=list)
-    adapter: Path | None = None  # a PEFT adapter folder merged over `folder`
+    adapter: Path | None = None  # the (first) PEFT adapter folder merged over `folder`
+    adapters: list[Path] = field(default_factory=list)  # every adapter, in merge order
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -112,29 +113,49 @@ def check_source(cfg: PipoConfig, source: TensorSource, where) -> PipoModel:
 FLOAT_WEIGHTS = ("float32", "bfloat16", "float16")  # stored dtypes a PIPO weight may have
 
 
-def open_checkpoint(path: str | Path, base: str | Path | None = None
+def checkpoint_stack(path: str | Path | None, base: str | Path | None = None,
+                     adapters=()) -> tuple[Path | None, list[Path]]:
+    """(checkpoint folder, []) or (None, adapter folders in merge order) from the three ways
+    of naming a model: CHECKPOINT; ADAPTER --base BASE; [ADAPTER] --base BASE --adapter A ...
+    (a positional adapter folder is merged first)."""
+    from pipo_export.model.adapters import adapter_list, is_adapter_folder
+    stack = adapter_list(adapters)
+    if path is not None:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such checkpoint folder")
+        if not is_adapter_folder(folder):
+            if base is not None or stack:
+                raise CheckpointError(f"{folder} is not an adapter folder (no "
+                                      "adapter_config.json); --base and --adapter are only for "
+                                      "PEFT adapters")
+            return folder, []
+        stack.insert(0, folder)
+    elif not stack:
+        raise CheckpointError("no checkpoint given: pass a checkpoint folder, or --base BASE "
+                              "--adapter ADAPTER")
+    return None, stack
+
+
+def open_checkpoint(path: str | Path | None, base: str | Path | None = None, adapters=()
                     ) -> tuple[PipoConfig, TensorSource, CheckpointLayout]:
-    """A checkpoint folder, or a PEFT adapter folder over `base` -> (config, source, layout),
-    names and shapes checked, no weight read."""
-    from pipo_export.model.adapters import is_adapter_folder, open_adapter
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    if is_adapter_folder(folder):
-        cfg, source = open_adapter(folder, base)
-        files_of = source.base
+    """A checkpoint folder, or PEFT adapter folders over `base` (`path` if it is one, then
+    `adapters`, merged in order) -> (config, source, layout), names and shapes checked, no
+    weight read."""
+    from pipo_export.model.adapters import open_adapter
+    folder, stack = checkpoint_stack(path, base, adapters)
+    if stack:
+        cfg, source = open_adapter(stack, base)
+        files_of = source.root
     else:
-        if base is not None:
-            raise CheckpointError(f"{folder} is not an adapter folder (no adapter_config.json); "
-                                  "--base is only for PEFT adapters")
         cfg = load_config(folder)
         source = files_of = SafetensorsSource.open(folder)
-    check_source(cfg, source, folder)
+    check_source(cfg, source, folder or stack[-1])
     layout = CheckpointLayout(
         folder=files_of.folder, weight_files=files_of.files, key_prefix=files_of.key_prefix,
         config_layout=cfg.config_layout, tied_lm_head=bool(cfg.text.tie_word_embeddings),
         weight_dtypes=files_of.stored_dtypes(), ignored_keys=files_of.ignored,
-        adapter=folder if files_of is not source else None)
+        adapter=stack[0] if stack else None, adapters=stack)
     return cfg, source, layout
 
 
@@ -150,10 +171,11 @@ def materialize(module: torch.nn.Module, source: TensorSource, dtype: torch.dtyp
     return module
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
-                    base: str | Path | None = None) -> PipoModel:
-    """Load a PIPO checkpoint (or adapter + base) into an eval-mode PipoModel of `dtype`."""
-    cfg, source, _ = open_checkpoint(path, base)
+def load_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32,
+                    base: str | Path | None = None, adapters=()) -> PipoModel:
+    """Load a PIPO checkpoint (or adapters merged in order over a base; see open_checkpoint)
+    into an eval-mode PipoModel of `dtype`."""
+    cfg, source, _ = open_checkpoint(path, base, adapters)
     model = materialize(skeleton(cfg), source, dtype)
     if cfg.text.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

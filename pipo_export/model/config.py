@@ -161,6 +161,12 @@ def load_config(folder: Path) -> PipoConfig:
         raise CheckpointError(f"{folder}: no config.json; a PIPO checkpoint is a Hugging Face "
                               "folder with config.json and safetensors weights")
     cfg = parse_config(read_checkpoint_json(path), str(path))
+    return eos_from_generation_config(cfg, Path(folder))
+
+
+def eos_from_generation_config(cfg: PipoConfig, folder: Path) -> PipoConfig:
+    """When config.json names no eos: folder/generation_config.json's eos ids, which must lie
+    inside the vocabulary (CheckpointError naming the file otherwise)."""
     gen = read_checkpoint_json(Path(folder) / "generation_config.json", {})
     eos = gen.get("eos_token_id")
     if not cfg.eos_token_ids and eos is not None:

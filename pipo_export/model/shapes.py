@@ -358,6 +358,30 @@ def write_adapter_pair(folder: str | Path, shape: str | Shape, *, layers: int | 
     return base, adapter
 
 
+def write_adapter_stack(folder: str | Path, shape: str | Shape, *, count: int = 2,
+                        layers: int | None = None, seed: int = 0, r: int = 64, alpha: int = 128,
+                        include_visual: bool = True) -> tuple[Path, list[Path]]:
+    """A two-stage release like the PIPO authors' (rank 64, alpha 128 by default): the pair of
+    write_adapter_pair (folder/base, folder/adapter = the SFT stage) plus folder/adapter-2 ...
+    adapter-`count`, each a LoRA of the same targets and saved modules with other random
+    factors (the OPD stage, trained over the merge of the ones before it). -> (base, adapters
+    in merge order). Export with ``--base BASE --adapter A --adapter B``."""
+    from peft import LoraConfig
+    base, first = write_adapter_pair(folder, shape, layers=layers, seed=seed, r=r, alpha=alpha,
+                                     include_visual=include_visual)
+    adapters, s = [first], _shape(shape)
+    for i in range(2, count + 1):
+        adapter = Path(folder) / f"adapter-{i}"
+        adapter.mkdir(parents=True, exist_ok=True)
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS,
+                   modules_to_save=SAVED_MODULES, base_model_name_or_path=s.repo,
+                   task_type="CAUSAL_LM", inference_mode=True).save_pretrained(str(adapter))
+        state = adapter_tensors(s, layers, RandomTensors(seed + i - 1), r, alpha)
+        save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+        adapters.append(adapter)
+    return base, adapters
+
+
 def parameter_counts(shape: str | Shape, layers: int | None = None) -> dict[str, int]:
     """Parameters per part of a checkpoint of `shape` ("text" includes an untied lm_head;
     base_* = the plain release, without the PIPO modules) and bytes of tensor data."""

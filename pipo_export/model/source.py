@@ -10,6 +10,7 @@ base source tensor by tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from pipo_graphs.dtypes import SAFETENSORS_DTYPES
+from pipo_graphs.dtypes import SAFETENSORS_DTYPES, itemsize
 
 from pipo_export.errors import CheckpointError
 from pipo_export.fsutil import read_checkpoint_json
@@ -30,25 +31,81 @@ IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower: not part of the
 MAX_HEADER = 100 << 20
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in `tensor` (any shape; integer tensors always pass), checked a chunk of
+    elements at a time so the mask never costs more than 16 MB."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header -> ({key: {dtype, shape, data_offsets}}, data start).
-    Tensors are then read with plain file reads (no mmap: pages of a mapped file count toward
-    the process's resident memory, which would grow to the whole checkpoint)."""
+    """A safetensors file's header -> ({key: {dtype, shape, data_offsets}}, data start), checked
+    as the safetensors library checks it (check_header). Tensors are then read with plain file
+    reads (no mmap: pages of a mapped file count toward the process's resident memory, which
+    would grow to the whole checkpoint)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
             if n is None or n > MAX_HEADER:
                 raise ValueError("not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            if 8 + n > size:
+                raise ValueError(f"header length {n} runs past the end of the file")
+            text = f.read(n)
+            if not text.startswith(b"{"):
+                raise ValueError("header does not start with '{'")
+            header = json.loads(text)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied; make it readable") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from None
     header.pop("__metadata__", None)
+    check_header(path, header, size - 8 - n)
     return header, 8 + n
+
+
+def _entry(path: Path, key: str, info) -> tuple[int, int, int]:
+    """(begin, end, bytes the dtype and shape need) of one header entry; CheckpointError for
+    a malformed one (offsets and dims are non-negative integers, a known dtype)."""
+    def ints(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+    if not (isinstance(info, dict) and ints(info.get("data_offsets"), 2)
+            and ints(info.get("shape")) and info.get("dtype") in SAFETENSORS_DTYPES):
+        raise CheckpointError(f"{path}: bad safetensors header entry for tensor {key} (dtype, "
+                              "shape and data_offsets must be a known dtype and non-negative "
+                              "integers); the file is corrupt, download it again")
+    begin, end = info["data_offsets"]
+    return begin, end, math.prod(info["shape"]) * itemsize(SAFETENSORS_DTYPES[info["dtype"]])
+
+
+def check_header(path: Path, header: dict, data_bytes: int) -> None:
+    """The safetensors library's checks (Metadata::validate): sorted by offset, the tensors'
+    byte ranges start at 0, follow each other with no gap or overlap (so no two tensors alias
+    one range), each is exactly as long as its dtype and shape need, and the last ends at the
+    end of the file. CheckpointError naming the file and the tensor."""
+    entries = sorted((_entry(path, key, info), key) for key, info in header.items())
+    at = 0
+    for (begin, end, need), key in entries:
+        if begin != at or end < begin:
+            why = ("overlaps the tensor before it" if begin < at else
+                   "leaves a gap after the tensor before it" if begin > at else
+                   "ends before it begins")
+            raise CheckpointError(f"{path}: tensor {key} has data_offsets [{begin}, {end}] "
+                                  f"that {why}; the file is corrupt, download it again")
+        if end - begin != need:
+            raise CheckpointError(f"{path}: tensor {key} holds {end - begin} bytes but its dtype "
+                                  f"and shape need {need}; the file is corrupt, download it again")
+        at = end
+    if at != data_bytes:
+        raise CheckpointError(f"{path}: the tensors cover {at} bytes but the file holds "
+                              f"{data_bytes} after the header (truncated or padded); download "
+                              "it again")
 
 
 class TensorSource(Protocol):
@@ -128,14 +185,9 @@ class SafetensorsSource:
                 if name in src._where:
                     raise CheckpointError(f"{folder}: tensor {name} is stored twice ({key} in "
                                           f"{path.name} and {src._where[name][1]})")
-                try:
-                    begin, end = (start + int(o) for o in info["data_offsets"])
-                    meta = (tuple(int(d) for d in info["shape"]),
-                            SAFETENSORS_DTYPES[info["dtype"]])
-                except (KeyError, TypeError, ValueError):
-                    raise CheckpointError(f"{path}: bad safetensors header entry for {key}") from None
+                begin, end = (start + o for o in info["data_offsets"])  # checked by read_header
                 src._where[name] = (path, key, begin, end)
-                src._meta[name] = meta
+                src._meta[name] = (tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
         return src
 
     def names(self) -> list[str]:
@@ -161,7 +213,11 @@ class SafetensorsSource:
                                   "download the checkpoint again")
         if not buf:
             return torch.empty(shape, dtype=getattr(torch, dtype))
-        return torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
+        tensor = torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
+        if not all_finite(tensor):
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or Inf; the checkpoint is "
+                                  "corrupt (download it again)")
+        return tensor
 
     def stored_dtypes(self) -> list[str]:
         return sorted({d for _, d in self._meta.values()})

@@ -76,15 +76,19 @@ def load(folder: Path, manifest, options: RunnerOptions) -> TorchStepRunner:
     """On an export: its source checkpoint (options.checkpoint overrides it), the export's mode
     and sample_cap. On a checkpoint folder (manifest None): the folder itself, in
     options.dtype, PIPO mode."""
+    adapters = list(options.adapters)
     if manifest is None:
         source, base, mode, cap, dtype = folder, options.base, Mode.PIPO, None, options.dtype
     else:
         source = options.checkpoint or manifest.export.source
         base = options.base or (None if options.checkpoint else manifest.export.base)
         mode, cap, dtype = manifest.export.mode, manifest.export.sample_cap, "float32"
-        if not source or not Path(source).is_dir():
-            raise PipoUserError(f"the torch backend needs the export's source checkpoint "
-                                f"({source} not found); pass its folder")
-    model = load_checkpoint(source, dtype=getattr(torch, dtype), base=base)
+        if not options.checkpoint and manifest.export.adapters:  # the export's whole stack
+            source, adapters = None, list(manifest.export.adapters)
+        for path in [source] if source or not adapters else adapters:
+            if not path or not Path(path).is_dir():
+                raise PipoUserError(f"the torch backend needs the export's source checkpoint "
+                                    f"({path} not found); pass its folder")
+    model = load_checkpoint(source, dtype=getattr(torch, dtype), base=base, adapters=adapters)
     step = step_class(mode)(model, **({"sample_cap": cap} if cap else {}))
     return TorchStepRunner(step)

@@ -161,7 +161,8 @@ def _edited(plain, tmp_path, config=None, tensors=None, drop=()):
 
 P = "base_model.model."
 DOWN = P + "model.layers.0.mlp.down_proj"
-EXTRA = P + "model.layers.0.mlp.extra"
+LAYER9 = P + "model.layers.9.mlp.down_proj"  # targeted by the rules, absent from the base
+NAN = float("nan")
 ERRORS = {  # case: (edits of the plain adapter, expected text of the one-line error)
     "ia3": (dict(config={"peft_type": "IA3"}),
             "IA3 adapters are not supported; pipo-export merges LoRA adapters"),
@@ -177,17 +178,34 @@ ERRORS = {  # case: (edits of the plain adapter, expected text of the one-line e
     "shape-saved": (dict(tensors={P + "mtp.fc.weight": torch.zeros(64, 100)}),
                     "modules_to_save tensor mtp.fc.weight has shape (64, 100) but the base's "
                     "is (64, 128)"),
-    "no-such-module": (dict(tensors={EXTRA + ".lora_A.weight": torch.zeros(4, 64),
-                                     EXTRA + ".lora_B.weight": torch.zeros(64, 4)}),
-                       "LoRA on model.layers.0.mlp.extra but the base has no "
-                       "model.layers.0.mlp.extra.weight"),
-    "unknown-key": (dict(tensors={DOWN + ".lora_magnitude_vector": torch.zeros(64)}),
-                    "lora_magnitude_vector is neither a LoRA factor nor under modules_to_save"),
-    "visual": (dict(tensors={P + "model.visual.blocks.0.attn.qkv.lora_A.weight": torch.ones(4, 8)}),
-               "is in the vision tower"),
+    "no-such-module": (dict(tensors={LAYER9 + ".lora_A.weight": torch.zeros(4, 96),
+                                     LAYER9 + ".lora_B.weight": torch.zeros(64, 4)}),
+                       "LoRA on model.layers.9.mlp.down_proj but the base has no "
+                       "model.layers.9.mlp.down_proj.weight"),
+    "visual": (dict(tensors={P + "model.visual.blocks.0.attn.q_proj.lora_A.weight":
+                             torch.ones(4, 8)}), "is in the vision tower"),
     "bin-only": (dict(drop=["adapter_model.safetensors"]),
                  "adapter_model.bin must be converted to adapter_model.safetensors"),
     "no-config": (dict(drop=["adapter_config.json"]), "no adapter_config.json"),
+    "nan-lora": (dict(tensors={DOWN + ".lora_A.weight": torch.full((4, 96), NAN)}),
+                 "tensor base_model.model.model.layers.0.mlp.down_proj.lora_A.weight holds NaN"),
+    "inf-saved": (dict(tensors={P + "mtp.fc.weight": torch.full((64, 128), float("inf"))}),
+                  "tensor base_model.model.mtp.fc.weight holds NaN or Inf"),
+    "lora_alpha-nan": (dict(config={"lora_alpha": NAN}), "lora_alpha is nan"),
+    "alpha_pattern-inf": (dict(config={"alpha_pattern": {"down_proj": float("inf")}}),
+                          "alpha_pattern['down_proj'] is inf"),
+    "alpha_pattern-nan": (dict(config={"alpha_pattern": {"down_proj": NAN}}),
+                          "alpha_pattern['down_proj'] is nan"),
+    "rank_pattern-0": (dict(config={"rank_pattern": {"q_proj": 0}}),
+                       "rank_pattern['q_proj'] is 0; expected a positive integer"),
+    "rank_pattern-text": (dict(config={"rank_pattern": {"q_proj": "4"}}),
+                          "rank_pattern['q_proj'] is '4'"),
+    "rank_pattern-regex": (dict(config={"rank_pattern": {"(q": 4}}),
+                           "rank_pattern key '(q' is not a valid regular expression"),
+    "tied-lm-head": (dict(tensors={P + "lm_head.weight": torch.zeros(320, 64)}),
+                     "the adapter saves lm_head.weight but the base ties it to embed_tokens"),
+    "no-target": (dict(config={"target_modules": ["nope_proj"]}),
+                  "peft refuses this adapter: no modules were targeted"),
 }
 
 

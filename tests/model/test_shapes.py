@@ -15,7 +15,8 @@ from pipo_export.model.checkpoint import open_checkpoint
 from pipo_export.model.config import CompressorType, parse_config
 from pipo_export.model.shapes import (INDEX_FILE, SHAPES, RandomTensors, checkpoint_config,
                                       parameter_counts, pipo_text_config, tensor_plan,
-                                      write_adapter_pair, write_shape_checkpoint)
+                                      write_adapter_stack,
+                                      write_shape_checkpoint)
 
 SHAPE = "qwen3.5-0.8b"
 LINEAR_NORM = "model.language_model.layers.0.linear_attn.norm.weight"
@@ -54,10 +55,12 @@ def pipo_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(base, adapter): a plain 0.8B-shaped base (4 layers, no vision tower, one shard) and a
-    LoRA adapter with r 8, alpha 32."""
+    """(base, adapter, adapter-2): a plain 0.8B-shaped base (4 layers, no vision tower, one
+    shard) and two stacked LoRA adapters with r 8, alpha 32 (write_adapter_stack)."""
     root = tmp_path_factory.mktemp("pair")
-    yield write_adapter_pair(root, SHAPE, layers=4, r=8, alpha=32, include_visual=False)
+    base, adapters = write_adapter_stack(root, SHAPE, layers=4, r=8, alpha=32,
+                                         include_visual=False)
+    yield base, *adapters
     shutil.rmtree(root)
 
 
@@ -135,8 +138,25 @@ def test_scales(pipo_ckpt):
     assert abs(up.std().item() * 1024**0.5 - 1) < 0.05
 
 
+def test_adapter_stack_opens(pair):
+    """The second adapter merges over the first merge as stored (bf16), scaling 32 / 8."""
+    base, first, second = pair
+    _, source = open_adapter([first, second], base)
+    open_checkpoint(None, base, [first, second])
+    with safe_open(str(first / "adapter_model.safetensors"), "pt") as f, \
+            safe_open(str(second / "adapter_model.safetensors"), "pt") as g:
+        module = "model.language_model.layers.1.mlp.down_proj"
+        one, two = ((h.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
+                     @ h.get_tensor(f"base_model.model.{module}.lora_A.weight").float()) * 4.0
+                    for h in (f, g))
+        assert not torch.equal(one, two)
+    stage1 = (tensor(base, module + ".weight").float() + one).to(torch.bfloat16)
+    assert torch.equal(source.get(module.replace("language_model.", "") + ".weight"),
+                       stage1.float() + two)
+
+
 def test_adapter_pair_opens(pair):
-    base, adapter = pair
+    base, adapter, _ = pair
     assert "compressor.mlp.0.weight" not in {k for k in stored(base)}
     cfg, source = open_adapter(adapter, base)
     assert (cfg.compressor_type, cfg.pad_token_id) == (CompressorType.MLP, 248044)

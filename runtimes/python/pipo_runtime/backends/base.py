@@ -89,8 +89,10 @@ class RunnerOptions:
     `session_options` is used as given (never modified): threads and optimization apply, and
     the two sessions share one mapping of weights.data, only when the runtime creates the
     options itself.
-    checkpoint, base, dtype: torch (the export's source checkpoint unless `checkpoint` is
-    given; `base` for a PEFT adapter; `dtype` of the weights when running a checkpoint folder).
+    checkpoint, base, adapters, dtype: torch (the export's source checkpoint unless
+    `checkpoint` is given; `base` for a PEFT adapter folder; `adapters`: more PEFT adapter
+    folders merged, in order, after the loaded folder; `dtype` of the weights when running a
+    checkpoint folder).
     """
 
     providers: tuple[str, ...] = ("cpu",)
@@ -101,6 +103,7 @@ class RunnerOptions:
     prepack: bool | None = None  # ORT kernel weight repacking; None: only for MatMulNBits graphs
     checkpoint: str | None = None
     base: str | None = None
+    adapters: tuple[str, ...] = ()
     dtype: str = "float32"
 
     def __post_init__(self):
