@@ -33,7 +33,8 @@ OS_FIXES = {
     errno.ELOOP: "the path has a symlink loop: check the path",
     errno.EIO: "the disk reported an I/O error: check the disk or copy the files elsewhere",
 }
-COMMANDS = ("inspect", "merge", "tiny", "export", "check", "build", "compare", "bench", "run")
+COMMANDS = ("inspect", "merge", "tiny", "export", "check", "build", "compare", "bench", "run",
+            "eval")
 
 
 class Terminated(KeyboardInterrupt):

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=RUN_DEFAULTS.threads,
                    help="ONNX Runtime intra-op threads")
     add_generation_flags(p)
+
+    from pipo_export.cli import eval as eval_cli
+    eval_cli.add_arguments(sub.add_parser(
+        "eval", help="perplexity, KL against a reference and the confidence gate of an export, "
+                     "teacher forced on a text"))
     return parser
 
 
