@@ -61,7 +61,9 @@ class Settings:
     linear_heads: tuple = (4, 8)  # Gated DeltaNet key / value heads of 32
     seq: int = 256  # tokens per training window (128 pairs)
     batch: int = 16
-    steps: tuple = (700, 900, 250)  # teacher, PIPO, confidence head
+    # teacher, PIPO, confidence head: an estimate for ~30 min on 2 quiet cores (the training
+    # log prints tokens/s; RECIPE.md records the seconds of each stage)
+    steps: tuple = (450, 550, 150)
     lr: tuple = (2e-3, 1.5e-3, 1e-3)
     warmup: int = 50
     distill: float = 0.5  # weight of the teacher KL against the true-token cross-entropy
@@ -257,7 +259,8 @@ def train_stage(stage: int, model, teacher, stream, s: Settings, log) -> list[fl
 
 
 # ---------------------------------------------------------------------------- figures
-def heldout_figures(model, teacher, ids: torch.Tensor, unigram: torch.Tensor, s: Settings) -> dict:
+def heldout_figures(model, teacher, ids: torch.Tensor, unigram: torch.Tensor,
+                    s: Settings) -> dict:
     """Held-out perplexity of token 1 and token 2 through the shared pair forward, the
     teacher's and a unigram model's perplexity, and the gate's commit rate at each tau."""
     nll1, nll2, conf, tnll = [], [], [], []
@@ -265,14 +268,15 @@ def heldout_figures(model, teacher, ids: torch.Tensor, unigram: torch.Tensor, s:
     windows = ids[:n].reshape(-1, s.seq)
     for w in windows.split(s.batch):
         backbone, mtp, c = model.teacher_forced(w)
-        nll1.append(F.cross_entropy(backbone[:, :-1].reshape(-1, s.vocab), w[:, 2::2].reshape(-1),
-                                    reduction="none"))
+        nll1.append(F.cross_entropy(backbone[:, :-1].reshape(-1, s.vocab),
+                                    w[:, 2::2].reshape(-1), reduction="none"))
         nll2.append(F.cross_entropy(mtp.reshape(-1, s.vocab), w[:, 3::2].reshape(-1),
                                     reduction="none"))
         conf.append(c.reshape(-1))
         with torch.no_grad():
             t = token_logits(teacher, w)[:, :-1]
-        tnll.append(F.cross_entropy(t.reshape(-1, s.vocab), w[:, 1:].reshape(-1), reduction="none"))
+        tnll.append(F.cross_entropy(t.reshape(-1, s.vocab), w[:, 1:].reshape(-1),
+                                    reduction="none"))
     conf = torch.cat(conf)
     return {"heldout_tokens": int(len(ids)), "scored_windows": int(len(windows)),
             "perplexity_token1": math.exp(torch.cat(nll1).mean()),
@@ -316,8 +320,10 @@ def recipe(argv, s: Settings, data: dict, losses: list, figures: dict, seconds: 
              json.dumps(dataclasses.asdict(s), indent=1), "```", "", "## Training", ""]
     for name, stage_losses, sec in zip(("teacher LM", "PIPO (distilled)", "confidence head"),
                                        losses, seconds.values()):
+        last = stage_losses[-20:]
         lines.append(f"- {name}: {len(stage_losses)} steps in {sec:.0f} s, loss "
-                     f"{stage_losses[0]:.3f} -> {sum(stage_losses[-20:]) / len(stage_losses[-20:]):.3f}")
+                     f"{stage_losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the last "
+                     f"{len(last)})")
     lines += ["", "## Held-out figures (teacher forced, the shared pair forward)", "",
               f"- perplexity token 1 {f['perplexity_token1']:.2f}, token 2 (MTP) "
               f"{f['perplexity_token2']:.2f}; teacher LM {f['teacher_perplexity']:.2f}; unigram "
@@ -334,9 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=Settings.seed)
     ap.add_argument("--smoke", action="store_true",
                     help="a few dozen steps at tiny sizes (checks the script end to end)")
+    ap.add_argument("--steps", default=None, metavar="A,B,C",
+                    help="steps of the teacher, PIPO and confidence-head stages (default "
+                         f"{','.join(map(str, Settings.steps))})")
+    ap.add_argument("--threads", type=int, default=Settings.threads)
     ap.add_argument("--force", action="store_true", help="write into an existing folder")
     args = ap.parse_args(argv)
-    s = Settings(seed=args.seed, **(SMOKE if args.smoke else {}))
+    s = Settings(seed=args.seed, threads=args.threads, **(SMOKE if args.smoke else {}))
+    if args.steps:
+        s.steps = tuple(int(x) for x in args.steps.split(","))
+        if len(s.steps) != 3 or min(s.steps) < 1:
+            ap.error(f"--steps takes three positive step counts, got {args.steps}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         ap.error(f"{out} exists and is not empty (--force writes into it)")
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
+    torch.set_flush_denormal(True)  # the delta rule's decays underflow: denormals run ~2x slower
     train, heldout = split_files(s)
     log(f"data: {len(train)} training files, {len(heldout)} held out")
     tok = train_tokenizer([t for _, t in train], s.vocab)

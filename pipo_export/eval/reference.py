@@ -26,6 +26,8 @@ from pipo_export.eval.metrics import Scores, log_softmax
 
 MAGIC = b"PIPO-EVAL-REFERENCE 1\n"
 MANIFEST, CONFIG = "manifest.json", "config.json"
+HEADER_KEYS = {"vocab_size", "tokenizer_sha256", "ids_sha256", "context", "windows", "positions",
+               "source"}
 
 
 def ids_digest(ids: np.ndarray) -> str:
@@ -99,7 +101,11 @@ class FileReference(Reference):
             try:
                 self.header = json.loads(f.read(size))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise PipoUserError(f"{path}: its header is not valid JSON; write it again")
+                self.header = None
+        missing = HEADER_KEYS - set(self.header) if isinstance(self.header, dict) else ["all"]
+        if missing:
+            raise PipoUserError(f"{path}: its header is damaged (missing {sorted(missing)}); "
+                                "write it again with --save-reference")
         v, n = self.header["vocab_size"], self.header["positions"]
         offset = len(MAGIC) + 8 + size
         if path.stat().st_size != offset + n * (2 * v + 1) * 4:

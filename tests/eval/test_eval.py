@@ -120,6 +120,10 @@ def test_saved_reference_round_trip_and_its_checks(export, text, tmp_path):
     with pytest.raises(PipoUserError, match="--context 64"):
         evaluate(EvalOptions(export=str(export), text=str(text), context=32,
                              reference=str(saved), progress=False))
+    for name, blob in (("junk.ref", b"not a reference"), ("cut.ref", saved.read_bytes()[:-4])):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(PipoUserError, match="not an eval reference|truncated"):
+            _eval(export, text, reference=str(tmp_path / name))
 
 
 def test_cli_prints_the_table_and_writes_json(export, checkpoint, text, tmp_path):
@@ -190,3 +194,20 @@ def test_progress_bar_on_stderr():
     with redirect_stderr(quiet):
         Progress(10, enabled=True, after=60.0)(10)
     assert quiet.getvalue() == ""
+
+
+def test_eval_runs_without_torch(export, text, tmp_path):
+    """Scoring an export, saving and reading a reference file: numpy + onnxruntime only (a
+    child process in which `import torch` and transformers raise ImportError)."""
+    import subprocess
+    import sys
+    block = ("import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n"
+             "from pipo_export.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    saved = tmp_path / "base.ref"
+    for extra in (["--save-reference", str(saved)], ["--reference", str(saved)]):
+        proc = subprocess.run([sys.executable, "-c", block, "eval", str(export), "--text",
+                               str(text), "--context", str(CONTEXT), *extra],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "perplexity token 2" in proc.stdout
+    assert "top-1 agree" in proc.stdout
