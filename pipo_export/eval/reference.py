@@ -22,7 +22,7 @@ import numpy as np
 from pipo_graphs.errors import PipoUserError
 
 from pipo_export.eval.graphs import ExportScorer
-from pipo_export.eval.metrics import Scores, log_softmax
+from pipo_export.eval.metrics import Scores
 
 MAGIC = b"PIPO-EVAL-REFERENCE 1\n"
 MANIFEST, CONFIG = "manifest.json", "config.json"
@@ -200,4 +200,4 @@ def _check_file(ref: FileReference, facts: dict) -> None:
                                 + message.format(theirs=h.get(key), mine=facts[key]))
 
 
-__all__ = ["open_reference", "ReferenceWriter", "Reference", "log_softmax"]
+__all__ = ["open_reference", "ReferenceWriter", "Reference"]
