@@ -100,6 +100,14 @@ SAMPLING_INPUTS: tuple[tuple[str, str], ...] = (
 UNIFORMS = "uniforms"
 PAIR = "pair"
 CONFIDENCE = "confidence"
+# Values of the head that are not graph outputs: the exporter's head piece computes them, and they
+# stay in both graphs as "head/<name>" (HEAD_SCOPE); validation, the quantization accuracy report
+# and `pipo-export eval` expose them (pipo_export.eval.graphs)
+HEAD_SCOPE = "head"
+LOGITS = "logits"  # token1's logits [B, V] float32
+MTP_LOGITS = "mtp_logits"  # token2's logits [B, V] float32 (zeros when the MTP was skipped)
+MTP_TOKENS = "mtp_tokens"  # the MTP's input tokens: [B, L] at prefill, [B, 1] (token1) at decode
+HEAD_EXTRAS = (LOGITS, MTP_LOGITS, MTP_TOKENS)
 DEFAULT_SAMPLE_CAP = 1024  # candidates the in-graph sampler keeps (TopK); greedy sees the full vocab
 SKIPPED_CONFIDENCE = -1.0  # confidence reported when tau >= 1 and the confidence head did not run
 

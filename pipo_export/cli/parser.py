@@ -46,6 +46,8 @@ COMMANDS = {
                                               "transformers eager on a built-in shape (random "
                                               "weights)"),
     "run": Command("pipo_export.cli.run", "generate from a checkpoint (torch) or an export"),
+    "eval": Command("pipo_export.cli.eval", "score a text teacher forced through an export: "
+                                            "perplexity, KL against a reference, the gate"),
     "serve": Command("pipo_export.cli.serve", "serve an export over OpenAI's HTTP API "
                                               "(pip install 'pipo-runtime[serve]')"),
 }

@@ -28,8 +28,8 @@ from pipo_graphs import SamplingParams
 from pipo_runtime.requests import sampling_feeds
 
 from pipo_export.export.io_spec import TensorSpec
-from pipo_export.model.steps import FULL_ATTENTION, LAYER_STATES, LOGITS, PipoStep, layer_decode, \
-    layer_prefill
+from pipo_export.model.steps import (FULL_ATTENTION, LAYER_STATES, LOGITS, MTP_LOGITS,
+    MTP_TOKENS, PipoStep, layer_decode, layer_prefill)
 
 EXAMPLE_BATCH = 2
 EXAMPLE_PROMPT_PAIRS = 130  # three 64-pair chunks: a one-chunk example would specialize the length
@@ -189,10 +189,15 @@ class PieceSet:
                       TensorSpec(PROMPT_MASK, "bool", ("batch", self.vocab)),
                       TensorSpec(OUTPUT_MASK, "bool", ("batch", self.vocab)))
 
-    def _logits_spec(self) -> TensorSpec:
-        """token1's logits: a head output the contract does not export (validation and the
-        quantization accuracy report read it)."""
-        return TensorSpec(LOGITS, "float32", ("batch", self.vocab))
+    def _extra_specs(self, mtp_slots) -> tuple[TensorSpec, ...]:
+        """Head outputs the contract does not export (steps.HEAD_EXTRAS; validation, the
+        quantization accuracy report and `eval` read them): token1's logits and, with an MTP,
+        token2's logits and the tokens the MTP reads ([B, mtp_slots])."""
+        logits = (TensorSpec(LOGITS, "float32", ("batch", self.vocab)),)
+        if not self.step.mtp:
+            return logits
+        return logits + (TensorSpec(MTP_LOGITS, "float32", ("batch", self.vocab)),
+                         TensorSpec(MTP_TOKENS, "int64", ("batch", mtp_slots)))
 
     def _sampling_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(n, dt, ("batch",)) for n, dt in SAMPLING_INPUTS) + (
@@ -201,7 +206,8 @@ class PieceSet:
     def prefill_pieces(self) -> tuple[Piece, Piece]:
         """(embed, head) of the prefill graph."""
         step, dt, slots = self.step, self.dt, self.slots
-        names = [s.name for s in self._head_state_specs(slots)] + [LOGITS]
+        extras = self._extra_specs(slots)
+        names = [s.name for s in self._head_state_specs(slots) + extras]
         embed_out = (TensorSpec("x", dt, ("batch", slots, self.h)),
                      TensorSpec("valid", "bool", ("batch", slots)),
                      TensorSpec("n_valid", "int64", ("batch",)),
@@ -226,7 +232,7 @@ class PieceSet:
             "prefill.head", step, head,
             (embed_out[0],) + prompt + embed_out[1:] + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
-            + self._head_state_specs(slots) + (self._logits_spec(),), head_example,
+            + self._head_state_specs(slots) + extras, head_example,
             _params(step, HEAD_PARAMS))
         return embed, head_piece
 
@@ -237,7 +243,8 @@ class PieceSet:
         past_in = {s.name: s for s in past_specs}
         head_past = [s for s in past_specs if s.name not in (PAST + ATTENTION_MASK,
                                                             PAST + POSITION)]
-        names = [s.name for s in self._head_state_specs("past_pairs + 1")] + [LOGITS]
+        extras = self._extra_specs(1)
+        names = [s.name for s in self._head_state_specs("past_pairs + 1") + extras]
         rope_out = (TensorSpec("cos", dt, ("batch", 1, self.rot)),
                     TensorSpec("sin", dt, ("batch", 1, self.rot)))
         embed_out = (TensorSpec("x", dt, ("batch", 1, self.h)),
@@ -276,7 +283,7 @@ class PieceSet:
             (embed_out[0], embed_out[1], past_in[PAST + POSITION]) + rope_out
             + tuple(head_past) + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
-            + self._head_state_specs("past_pairs + 1") + (self._logits_spec(),), head_example,
+            + self._head_state_specs("past_pairs + 1") + extras, head_example,
             _params(step, HEAD_PARAMS))
         return embed, head_piece
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAST, PREFILL, \
-    PRESENT, TARGET_CAPS, Mode, Target, state_name
+from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, HEAD_EXTRAS, HEAD_SCOPE, \
+    PAIR, PAST, PREFILL, PRESENT, TARGET_CAPS, Mode, Target, state_name
 from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, ExportInfo, FileEntry, GraphInfo, Manifest, ModelInfo, \
     StateInfo, TensorInfo, WeightsInfo, file_entries
@@ -38,14 +38,12 @@ from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import ExportOptions
 from pipo_export.export.pieces import PieceSet
-from pipo_export.export.sessions import shared_sessions
 from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import checkpoint_stack, open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
-from pipo_export.model.steps import LOGITS
 from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
 from pipo_export.versions import package_versions
 
@@ -175,11 +173,12 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
     outputs = {s.name: s.name if s.name in (PAIR, CONFIDENCE) else PRESENT + s.name
                for s in head.outputs}
     outputs = {k: v for k, v in outputs.items() if v in contract}
-    asm.add(head, protos[head.name], "head", None, {}, outputs)
+    asm.add(head, protos[head.name], HEAD_SCOPE, None, {}, outputs)
     if extra_outputs:
-        logits = next(s for s in head.outputs if s.name == LOGITS)
-        extra.append(TensorSpec(f"{CHECK}head/{LOGITS}", logits.dtype, logits.shape))
-        asm.alias(LOGITS, extra[-1].name)
+        for s in head.outputs:
+            if s.name in HEAD_EXTRAS:
+                extra.append(TensorSpec(f"{CHECK}{HEAD_SCOPE}/{s.name}", s.dtype, s.shape))
+                asm.alias(s.name, extra[-1].name)
     model = asm.model(tuple(extra))
     if traced.caps.half_cast_per_use:  # ORT CPU casts float16 weights per use: keep casts small
         split_wide_gemms(model)
@@ -282,13 +281,11 @@ def quantization_accuracy(traced: Traced, cfg, source, layer_types, specs, weigh
                                       ("quant", traced.protos, WEIGHTS_FILE, weights)):
             for graph, spec in zip((PREFILL, DECODE), specs):
                 paths[kind, graph] = tmp / f".accuracy-{kind}-{graph}.onnx"
-                onnx.save(assemble(traced, graph, spec, layer_types, w, True, protos, data),
+                onnx.save(assemble(traced, graph, spec, layer_types, w, False, protos, data),
                           str(paths[kind, graph]))
-        twin = shared_sessions({g: paths["twin", g] for g in (PREFILL, DECODE)}, False, False)
-        quant = shared_sessions({g: paths["quant", g] for g in (PREFILL, DECODE)}, True, False)
-        report = compare_twins(twin, quant, cfg.vocab_size, cfg.pad_token_id,
-                               f"{CHECK}head/{LOGITS}")
-        del twin, quant
+        report = compare_twins({g: paths["twin", g] for g in (PREFILL, DECODE)},
+                               {g: paths["quant", g] for g in (PREFILL, DECODE)},
+                               cfg.vocab_size, cfg.pad_token_id)
         return {"measured": True, **report}
     finally:
         for path in list(paths.values()) + [tmp / twin_file]:

@@ -33,7 +33,7 @@ from pipo_export.errors import ExportError
 from pipo_export.export.reference import References
 from pipo_export.export.sessions import shared_sessions
 from pipo_export.model.checkpoint import torch_dtype
-from pipo_export.model.steps import LOGITS
+from pipo_export.model.steps import HEAD_EXTRAS, LOGITS
 
 CHECK = "check/"  # the piece-boundary outputs of validation graphs (pipeline.assemble)
 NOISE_FACTOR = 10.0
@@ -112,8 +112,8 @@ def _output(vals: dict, piece_kind: str, name: str, layer: int | None) -> np.nda
         return vals[f"{CHECK}embed/{name}"]
     if piece_kind == "layer":
         return vals[f"{CHECK}layers.{layer}/x" if name == "x" else PRESENT + state_name(name, layer)]
-    if name == LOGITS:
-        return vals[f"{CHECK}head/{LOGITS}"]
+    if name in HEAD_EXTRAS:
+        return vals[f"{CHECK}head/{name}"]
     return vals[name if name in (PAIR, CONFIDENCE) else PRESENT + name]
 
 

@@ -86,12 +86,13 @@ class PipoModel(nn.Module):
         emb = self.model.embed_tokens(input_ids)  # [B, T, H]
         return self.compressor(emb.reshape(b, t // 2, 2 * emb.shape[-1]))
 
-    @torch.no_grad()
-    def teacher_forced(self, input_ids: torch.Tensor):
-        """Training-style forward through transformers' own modules (no caches).
+    def pair_forward(self, input_ids: torch.Tensor):
+        """The training forward (differentiable) through transformers' own modules, no caches:
+        every pair teacher forced. Training and validation (`teacher_forced`) share it.
 
         input_ids [B, T], T even -> backbone_logits [B, L, V], mtp_logits [B, L-1, V],
-        confidence [B, L-1] with L = T/2. MTP at pair i reads token t_2i+2 and hidden h_i.
+        confidence [B, L-1] with L = T/2. Backbone hidden h_i predicts t_2i+2; the MTP at pair
+        i reads the true t_2i+2 and h_i and predicts t_2i+3; confidence(h_i, m_i).
         """
         b, t = input_ids.shape
         if t % 2 or t < 4:
@@ -107,3 +108,9 @@ class PipoModel(nn.Module):
         m = self.mtp.layers[0](x, position_embeddings=pos_emb, attention_mask=causal[None, None])
         m = self.mtp.norm(m)
         return backbone_logits, self.lm_head(m), self.confidence_head(hidden[:, :n], m)
+
+    @torch.no_grad()
+    def teacher_forced(self, input_ids: torch.Tensor):
+        """`pair_forward` without gradients: input_ids [B, T], T even -> backbone_logits
+        [B, L, V], mtp_logits [B, L-1, V], confidence [B, L-1] with L = T/2."""
+        return self.pair_forward(input_ids)

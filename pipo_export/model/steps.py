@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipo_graphs.contract import (ATTENTION_MASK, DEFAULT_SAMPLE_CAP, MTP_KEY, MTP_VALUE,
-    OUTPUT_MASK, POSITION, PROMPT_MASK, SKIPPED_CONFIDENCE, state_name)
+from pipo_graphs.contract import (ATTENTION_MASK, DEFAULT_SAMPLE_CAP, HEAD_EXTRAS, LOGITS,
+    MTP_KEY, MTP_LOGITS, MTP_TOKENS, MTP_VALUE, OUTPUT_MASK, POSITION, PROMPT_MASK,
+    SKIPPED_CONFIDENCE, state_name)
 
 from pipo_export.model.layers import Kernels, attention, gdn_decode, gdn_prefill, mlp_block, rope
 from pipo_export.model.modules import PipoModel
@@ -20,7 +21,6 @@ from pipo_export.model.sampling import add_tokens, gate, sample
 
 States = dict[str, torch.Tensor]
 FULL_ATTENTION = "full_attention"
-LOGITS = "logits"  # a head output beside the states: token1's logits [B, V] float32
 
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -110,13 +110,13 @@ class PipoStep(nn.Module):
         positions = torch.arange(hidden.shape[1], device=input_ids.device)[None]
         shifted = torch.cat([input_ids[:, 2::2], input_ids[:, :1]], dim=1)  # [B, L]
         mtp_tokens = torch.where(positions == last[:, None], token1[:, None], shifted)
-        token2, conf, mtp_key, mtp_value = self._second_token(
+        token2, conf, mtp_key, mtp_value, mtp_logits = self._second_token(
             mtp_tokens, hidden, last, (cos, sin), valid, (), sp, prompt_mask, output_mask,
             uniforms[:, 1])
         states = {MTP_KEY: mtp_key, MTP_VALUE: mtp_value, ATTENTION_MASK: valid,
                   POSITION: n_valid, PROMPT_MASK: prompt_mask,
                   OUTPUT_MASK: add_tokens(output_mask, token2[:, None], self.pad_id),
-                  LOGITS: logits.float()}
+                  LOGITS: logits.float(), MTP_LOGITS: mtp_logits, MTP_TOKENS: mtp_tokens}
         return torch.stack([token1, token2], dim=1), conf, states
 
     # -- decode pieces --------------------------------------------------------------------
@@ -138,13 +138,14 @@ class PipoStep(nn.Module):
         logits = self.model.lm_head(hidden[:, 0])
         token1 = self.pick(logits, sp, prompt_mask, past[OUTPUT_MASK], uniforms[:, 0])
         output_mask = add_tokens(past[OUTPUT_MASK], token1[:, None], self.pad_id)
-        token2, conf, mtp_key, mtp_value = self._second_token(
-            token1[:, None], hidden, torch.zeros_like(position), (cos, sin), mask,
+        mtp_tokens = token1[:, None]
+        token2, conf, mtp_key, mtp_value, mtp_logits = self._second_token(
+            mtp_tokens, hidden, torch.zeros_like(position), (cos, sin), mask,
             (past[MTP_KEY], past[MTP_VALUE]), sp, prompt_mask, output_mask, uniforms[:, 1])
         states = {MTP_KEY: mtp_key, MTP_VALUE: mtp_value, ATTENTION_MASK: mask,
                   POSITION: position + 1, PROMPT_MASK: prompt_mask.clone(),
                   OUTPUT_MASK: add_tokens(output_mask, token2[:, None], self.pad_id),
-                  LOGITS: logits.float()}
+                  LOGITS: logits.float(), MTP_LOGITS: mtp_logits, MTP_TOKENS: mtp_tokens}
         return torch.stack([token1, token2], dim=1), conf, states
 
     # -- MTP + confidence + gate ----------------------------------------------------------
@@ -164,7 +165,8 @@ class PipoStep(nn.Module):
 
         tokens [B, L] MTP input tokens, hidden [B, L, H], last [B] each row's final position,
         mask [B, P+L], past_kv () at prefill or (keys, values) [B, Hkv, P, D]
-        -> token2 [B], conf [B], mtp keys/values [B, Hkv, P+L, D].
+        -> token2 [B], conf [B], mtp keys/values [B, Hkv, P+L, D], token2's logits [B, V]
+        float32 (zeros when skipped).
         """
         names = sorted(sp)
         n_past = len(past_kv)
@@ -174,16 +176,21 @@ class PipoStep(nn.Module):
             past, spd = rest[:n_past] or (None, None), dict(zip(names, rest[n_past:]))
             m, keys, values = self._mtp(tokens, hidden, (cos, sin), mask, *past)
             m_last, h_last = take(m, last), take(hidden, last)
-            token2 = self.pick(self.model.lm_head(m_last), spd, prompt_mask, output_mask, u)
+            logits2 = self.model.lm_head(m_last)
+            token2 = self.pick(logits2, spd, prompt_mask, output_mask, u)
             conf = self.model.confidence_head(h_last, m_last)
-            return gate(token2, conf, spd["threshold"], self.pad_id), conf, keys, values
+            return (gate(token2, conf, spd["threshold"], self.pad_id), conf, keys, values,
+                    logits2.float())
 
         def skip(tokens, hidden, last, cos, sin, mask, prompt_mask, output_mask, u, *rest):
             b, n = tokens.shape
             new = hidden.new_zeros(b, kv_heads, n, head_dim)
             pad = torch.full((b,), self.pad_id, dtype=torch.long, device=tokens.device)
             conf = torch.full((b,), SKIPPED_CONFIDENCE, dtype=torch.float32, device=tokens.device)
-            return pad, conf, torch.cat([rest[0], new], 2), torch.cat([rest[1], new], 2)
+            logits2 = torch.zeros(b, self.model.config.vocab_size, dtype=torch.float32,
+                                  device=tokens.device)
+            return (pad, conf, torch.cat([rest[0], new], 2), torch.cat([rest[1], new], 2),
+                    logits2)
 
         operands = (tokens, hidden, last, *rope_cs, mask, prompt_mask, output_mask, u, *past_kv,
                     *[sp[n] for n in names])
@@ -205,7 +212,8 @@ class PipoStep(nn.Module):
             states.update({state_name(kind, i): v for kind, v in st.items()})
         pair, conf, head = self.prefill_head(x, input_ids, lengths, valid, n_valid, cos, sin, sp,
                                              uniforms)
-        head.pop(LOGITS)
+        for name in HEAD_EXTRAS:
+            head.pop(name, None)
         return pair, conf, {**states, **head}
 
     def decode(self, input_pair, past: States, sp: dict[str, torch.Tensor], uniforms):
@@ -218,7 +226,8 @@ class PipoStep(nn.Module):
             x, st = layer_decode(layer, x, mask, cos, sin, mine, self.kernels)
             states.update({state_name(kind, i): v for kind, v in st.items()})
         pair, conf, head = self.decode_head(x, mask, past[POSITION], cos, sin, past, sp, uniforms)
-        head.pop(LOGITS)
+        for name in HEAD_EXTRAS:
+            head.pop(name, None)
         return pair, conf, {**states, **head}
 
 

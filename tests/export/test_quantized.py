@@ -54,7 +54,9 @@ def test_manifest_records_what_and_how_accurate(quantized, bits):
     assert all("norm" not in name for name in w["quantized"])  # norms and biases stay float
     acc = w["accuracy"]
     assert acc["measured"] and acc["steps"] == 64 and acc["teacher_forced"]
-    assert 0 <= acc["token1_agreement"] <= 1 and acc["max_logit_error"] >= 0
+    assert 0 <= acc["token1_agreement"] <= 1 and 0 <= acc["token2_agreement"] <= 1
+    assert 0 < acc["kl"]["token1"]["mean"] <= acc["kl"]["token1"]["max"]  # quantization moves
+    assert 0 <= acc["commit_rate_tau_0.5"] <= 1
     for graph in ("prefill_compress.onnx", "decode_unfold.onnx"):
         assert "MatMulNBits" in _op_types(quantized[bits] / graph)
 

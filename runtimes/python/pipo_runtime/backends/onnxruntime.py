@@ -181,12 +181,13 @@ def _options(options: RunnerOptions, optimization: OrtOptimization, prepack: boo
     return so
 
 
-def shared_sessions(paths, options: RunnerOptions | None = None) -> list:
+def shared_sessions(paths, options: RunnerOptions | None = None, models=None) -> list:
     """One InferenceSession per .onnx path; all of them read their external weights through
     one np.memmap per data file (no per-session copy; prepacked copies only if
     `options.prepack`, by default for quantized graphs). The mapping lives
     as long as the sessions. A caller's `options.session_options` is used as given: then each
-    session loads its weights itself."""
+    session loads its weights itself. models: serialized graphs to run instead of the files
+    (the same initializers, e.g. with more outputs: pipo_export.eval), one per path."""
     import onnxruntime as ort
     options = options or RunnerOptions()
     providers = resolve_providers(options.providers)
@@ -225,7 +226,11 @@ def shared_sessions(paths, options: RunnerOptions | None = None) -> list:
                 region = maps[file][t.offset:t.offset + size].view(numpy_dtype(dtype))
                 values[key] = ort.OrtValue.ortvalue_from_numpy(region.reshape(t.dims))
             so.add_initializer(t.name, values[key])
-        session = ort.InferenceSession(str(path), so, providers=providers,
+        if models is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(path.parent))
+        source = str(path) if models is None else models[len(sessions)]
+        session = ort.InferenceSession(source, so, providers=providers,
                                        disabled_optimizers=disabled)
         session._pipo_weights = (maps, values)  # keep the mapping alive with the session
         sessions.append(session)
