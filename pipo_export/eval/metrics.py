@@ -6,7 +6,8 @@ token's distribution and whether their top-1 tokens agree. `Accumulator` collect
 by window (only scalars per position are kept); `summary` turns them into the report:
 perplexities, ln(PPL/PPL_ref), KL mean and percentiles (as llama.cpp's --kl-divergence), top-1
 agreement, and the gate at each tau: commit rate (confidence >= tau, the gate of
-docs/contract.md) and tokens per decode step (token 1 always, token 2 when committed: 1 + commit rate).
+docs/contract.md) and tokens per decode step (token 1 always, token 2 when committed:
+1 + commit rate).
 """
 from __future__ import annotations
 
