@@ -25,11 +25,12 @@ import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
+from pipo_graphs.manifest import MANIFEST, Manifest
 from pipo_graphs.semantics import SequenceOutput
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.folder import TOKENIZER, open_export
 from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds, token_ids
 from pipo_runtime.text import encode, load_tokenizer
 
@@ -160,12 +161,14 @@ class PipoSession:
         folder = Path(folder)
         options = replace(options or RunnerOptions(), **option_fields)
         module = backend_module(parse_backend(backend))
-        manifest = None
+        export = None
         if (folder / MANIFEST).is_file() or not getattr(module, "RUNS_CHECKPOINTS", False):
-            manifest = load_manifest(folder)
+            export = open_export(folder)  # every file it names checked (pipo_runtime.folder)
+        manifest = export.manifest if export else None
         runner = module.load(folder, manifest, options)
         facts = ModelFacts.from_manifest(manifest) if manifest else None
-        return cls(folder, facts, runner, load_tokenizer(folder), manifest)
+        tokenizer = load_tokenizer(export.tokenizer if export else folder / TOKENIZER)
+        return cls(folder, facts, runner, tokenizer, manifest)
 
     def _prompts(self, prompts) -> list[list[int]]:
         """One prompt (text, ids) or a batch of them (a list, or a 2-D integer array) ->

@@ -43,7 +43,12 @@ class _Graph:
     def __init__(self, path: Path):
         import onnx
         from onnx.reference import ReferenceEvaluator
-        model = onnx.load(str(path), load_external_data=True)
+        try:
+            model = onnx.load(str(path), load_external_data=True)
+        except Exception as exc:  # protobuf DecodeError, a missing external file, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise PipoUserError(f"{path.name}: onnx cannot load it ({first}); re-export") \
+                from None
         contrib = sorted({f"{n.domain}::{n.op_type}".lstrip(":") for g in _graphs(model.graph)
                           for n in g.node if n.domain not in ("", "ai.onnx")
                           or n.op_type in ORT_ONNX_DOMAIN_OPS})
