@@ -101,6 +101,9 @@ UNIFORMS = "uniforms"
 PAIR = "pair"
 CONFIDENCE = "confidence"
 DEFAULT_SAMPLE_CAP = 1024  # candidates the in-graph sampler keeps (TopK); greedy sees the full vocab
+# weights.data layout: each stored tensor starts at a multiple of this, right after the previous
+# one (zero padding only between), once; runtimes refuse any other layout
+WEIGHTS_ALIGN = 4096
 SKIPPED_CONFIDENCE = -1.0  # confidence reported when tau >= 1 and the confidence head did not run
 
 

@@ -351,7 +351,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
-        raise ManifestError(f"{path}: JSON nested too deeply; re-export") from None
+        raise ManifestError(f"{path}: JSON nesting too deep; re-export") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: not a JSON object; re-export")
     version = data.get("contract_version")

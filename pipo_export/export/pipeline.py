@@ -27,7 +27,8 @@ from pipo_graphs.contract import CONFIDENCE, CONTRACT_VERSION, DECODE, PAIR, PAS
 from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, file_entries
 from pipo_graphs.seal import write_sealed
-from pipo_runtime.text import TOKENIZER_FILES
+from pipo_runtime.folder import TOKENIZER
+from pipo_runtime.text import TOKENIZER_FILES, load_tokenizer
 
 from pipo_export.errors import ExportError
 from pipo_export.export.assemble import GraphAssembler, WeightRef, weight_names
@@ -35,7 +36,7 @@ from pipo_export.export.accuracy import TWIN_BUDGET, compare_twins
 from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
-from pipo_export.export.options import ExportOptions
+from pipo_export.export.options import MIN_CONTEXT, OPSETS, ExportOptions
 from pipo_export.export.pieces import PieceSet
 from pipo_export.export.sessions import shared_sessions
 from pipo_export.export.trace import trace_piece
@@ -69,7 +70,24 @@ def tool_versions() -> dict:
 
 
 def check_options(opts: ExportOptions) -> None:
-    """Refuse, before any work, what no target here can run."""
+    """Refuse, before any work, what no target here can run, and numbers out of range."""
+    def whole(name, value, low, high=None, fix=""):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (
+            high is None or value <= high)
+        if not ok:
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ExportError(f"--{name.replace('_', '-')} must be an integer {span}, got "
+                              f"{value!r}{fix}")
+    if opts.max_context is not None:
+        whole("max_context", opts.max_context, MIN_CONTEXT,
+              fix=" (tokens of prompt plus generation; leave it out for the checkpoint's "
+                  "max_position_embeddings)")
+    whole("opset", opts.opset, OPSETS.start, OPSETS.stop - 1)
+    whole("sample_cap", opts.sample_cap, 1, fix=" (candidates the sampler keeps)")
+    if opts.trace_cache and Path(opts.trace_cache).exists() and \
+            not Path(opts.trace_cache).is_dir():
+        raise ExportError(f"--trace-cache {opts.trace_cache} is a file; give a folder (it is "
+                          "created when missing)")
     if opts.dtype == DType.BFLOAT16:
         raise ExportError("--dtype bfloat16 is not supported: ONNX Runtime's CPU kernels have no "
                           "bfloat16 (Conv, MatMul), so the export could not be validated; use "
@@ -97,7 +115,7 @@ class Traced:
         todo = {PREFILL: pieces.prefill_pieces(), DECODE: pieces.decode_pieces()}
         self.layers = {t: pieces.layer_pieces(layer) for t, layer in pieces.layer_types().items()}
         flat = [*todo[PREFILL], *todo[DECODE], *[p for pair in self.layers.values() for p in pair]]
-        cache = PieceCache(opts.trace_cache) if opts.trace_cache else None
+        cache = PieceCache(opts.trace_cache, log) if opts.trace_cache else None
         settings = {"mode": opts.mode.value, "dtype": opts.dtype.value, "opset": opts.opset,
                     "lowering": lowering.key, "sample_cap": opts.sample_cap}
         start, self.protos = time.perf_counter(), {}
@@ -187,9 +205,16 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
 
 def export(opts: ExportOptions) -> dict:
     check_options(opts)
-    t0 = progress(1, f"opening checkpoint {opts.checkpoint}"
-                  + (f" over base {opts.base}" if opts.base else ""))
-    cfg, source, layout = open_checkpoint(opts.checkpoint, opts.base)
+    t0 = time.perf_counter()
+    cfg, source, layout = open_checkpoint(opts.checkpoint, opts.base)  # headers only
+    max_context = opts.max_context or cfg.text.max_position_embeddings  # checked: never 0
+    if max_context < MIN_CONTEXT:
+        raise ExportError(f"max_position_embeddings is {max_context}, below the smallest usable "
+                          f"context ({MIN_CONTEXT} tokens); pass --max-context")
+    if (layout.folder / TOKENIZER).is_file():  # refused now, not sealed into the export
+        load_tokenizer(layout.folder / TOKENIZER)
+    progress(1, f"opened checkpoint {opts.checkpoint}"
+             + (f" over base {opts.base}" if opts.base else ""))
     dtype, lowering = torch_dtype(opts.dtype), lowering_for(opts.target)
     model = skeleton(cfg)
     dims = model_dims(model)
@@ -198,7 +223,6 @@ def export(opts: ExportOptions) -> dict:
                                                     mtp=opts.mode == Mode.PIPO)
     step = step_class(opts.mode)(model, kernels=lowering.kernels, sample_cap=opts.sample_cap,
                                  use_cond=True)
-    max_context = opts.max_context or cfg.text.max_position_embeddings
     timings = {}
     with atomic_dir(opts.out, opts.force) as tmp:
         t = progress(2, f"tracing pieces (mode {opts.mode.value}, target {opts.target.value}, "

@@ -19,6 +19,7 @@ from pipo_export.onnx.graph import known_to_onnx, op_types, symbolic_dims, weigh
 @dataclass
 class CheckReport:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    refused: str | None = None  # the loader's refusal: the runtimes would not load the folder
 
     def add(self, name: str, ok: bool, detail: str = "") -> None:
         self.checks.append((name, ok, detail))
@@ -72,6 +73,7 @@ def check_export(folder: str | Path) -> CheckReport:
     except PipoUserError as exc:
         report.add("manifest, sha256 of every file, paths inside the folder, graph I/O and "
                    "external-data offsets", False, str(exc))
+        report.refused = str(exc)
         return report
     paths = export.graphs
     known_to_onnx()

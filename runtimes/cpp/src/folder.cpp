@@ -4,7 +4,8 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
-#include <set>
+#include <map>
+#include <utility>
 #include <vector>
 
 #include "onnx_initializers.h"
@@ -94,6 +95,8 @@ void check_export_files(const std::string& folder, const Manifest& m) {
   if (m.prefill.file == m.decode.file) {
     throw Error(folder + ": both graphs name the file " + m.prefill.file + "; re-export");
   }
+  std::map<std::string, std::pair<uint64_t, uint64_t>> by_name;  // tensor -> (offset, length)
+  std::map<std::pair<uint64_t, uint64_t>, std::string> by_region;
   for (const GraphInfo* g : {&m.prefill, &m.decode}) {
     std::string graph = member_path(folder, g->file, "graph file");
     uint64_t size = 0;
@@ -123,13 +126,36 @@ void check_export_files(const std::string& folder, const Manifest& m) {
       }
       // offset + length <= size, written so that it cannot wrap
       if (overflow || bytes != init.length || init.offset > size ||
-          init.length > size - init.offset) {
-        throw Error(where + " points outside " + init.location + " or has the wrong length "
+          init.length > size - init.offset || init.offset % kWeightsAlign != 0) {
+        throw Error(where + " points outside " + init.location + ", off its " +
+                    std::to_string(kWeightsAlign) + "-byte alignment or has the wrong length "
                     "(offset " + std::to_string(init.offset) + ", length " +
                     std::to_string(init.length) + ", file " + std::to_string(size) +
                     " bytes); re-export");
       }
+      // the exporter's layout (pipo_runtime.folder.check_layout): one region per tensor name,
+      // one name per region, no overlaps
+      auto region = std::make_pair(init.offset, init.length);
+      auto named = by_name.emplace(init.name, region).first;
+      if (named->second != region) {
+        throw Error(where + " is stored at offset " + std::to_string(init.offset) +
+                    ", the other graph reads it at " + std::to_string(named->second.first) +
+                    "; re-export");
+      }
+      auto owner = by_region.emplace(region, init.name).first;
+      if (owner->second != init.name) {
+        throw Error(where + " and '" + owner->second + "' share the bytes at " +
+                    std::to_string(init.offset) + " of " + init.location + "; re-export");
+      }
     }
+  }
+  uint64_t end = 0;
+  for (auto& [region, name] : by_region) {
+    if (region.first < end) {
+      throw Error(m.weights_file + ": two stored tensors overlap at byte " +
+                  std::to_string(region.first) + " (not the layout an export writes); re-export");
+    }
+    end = region.first + region.second;  // <= size: checked above
   }
 }
 

@@ -3,7 +3,8 @@
 // "..", "." or empty parts) whose target, symlinks resolved, is a regular file inside the folder
 // (or, for a Hugging Face cache snapshot models--X/snapshots/REV, inside models--X/blobs); the
 // files table covers both graphs and the weights file; every external-data reference points
-// into the sealed weights file with its exact length, in 64-bit arithmetic that cannot wrap.
+// into the sealed weights file with its exact length, in 64-bit arithmetic that cannot wrap,
+// at an aligned offset, one region per tensor and no overlaps (the exporter's layout).
 #pragma once
 
 #include <string>
@@ -11,6 +12,8 @@
 #include "manifest.h"
 
 namespace pipo {
+
+constexpr uint64_t kWeightsAlign = 4096;  // pipo_graphs.contract.WEIGHTS_ALIGN
 
 // Throws pipo::Error unless `name` is a plain relative path.
 void check_name(const std::string& name, const std::string& what);

@@ -55,6 +55,7 @@ class Reader {
     return std::string(reinterpret_cast<const char*>(r.p_), size_t(r.end_ - r.p_));
   }
   bool at_end() const { return p_ >= end_; }
+  const std::string& where() const { return where_; }
   void skip(int wire) {
     switch (wire) {
       case kVarint: varint(); break;
@@ -124,7 +125,10 @@ bool read_tensor(Reader r, ExternalInitializer& out) {
         out.location = value;
       } else if (key == "offset" || key == "length") {
         uint64_t v = 0;
-        if (!parse_u64(value, v)) r.fail();
+        if (!parse_u64(value, v)) {
+          throw Error(r.where() + ": external-data " + key + " '" + value.substr(0, 30) +
+                      "' is not a decimal integer below 2^64; re-export");
+        }
         (key == "offset" ? out.offset : out.length) = v;
         if (key == "length") out.has_length = true;
       }

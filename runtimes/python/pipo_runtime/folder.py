@@ -14,7 +14,10 @@ the folder:
 - each graph's inputs and outputs (name, dtype, shape) are the manifest's, so swapped or
   duplicated graph files are refused before ONNX Runtime sees them;
 - every external-data reference points into the sealed weights file: offset and length
-  non-negative integers, length the tensor's size, offset + length within the file.
+  non-negative integers, length the tensor's size, offset + length within the file, and the
+  layout is the one the exporter writes (check_layout): one aligned region per tensor, no
+  overlaps. Only a coherent rewrite (say, two same-sized tensors swapped in both graphs)
+  passes, which a checksum seal cannot tell from a new export.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipo_graphs.contract import DECODE, PREFILL
+from pipo_graphs.contract import DECODE, PREFILL, WEIGHTS_ALIGN
 from pipo_graphs.dtypes import ONNX_NAMES, itemsize
 from pipo_graphs.errors import ManifestError
 from pipo_graphs.manifest import Manifest, load_manifest, verify_checksums
@@ -70,13 +73,16 @@ def open_export(folder: str | Path, verify_files: bool = True) -> ExportFolder:
     if verify_files:
         verify_checksums(folder, manifest)
     weights = member(folder, manifest.weights.file, "weights file") if manifest.weights else None
-    graphs = {}
+    graphs, regions = {}, {}
     for g in (PREFILL, DECODE):
         name = manifest.graphs[g].file
         view = read_model(member(folder, name, f"graph {g}"))
         check_io(manifest, g, view, name)
         check_external(folder, manifest, view.external, name)
+        regions.update({(name, t.name): (t.offset, t.length) for t in view.external})
         graphs[g] = folder / name
+    if weights is not None:
+        check_layout(regions, manifest.weights.file)
     tokenizer = member(folder, TOKENIZER) if TOKENIZER in manifest.files else None
     return ExportFolder(folder, manifest, graphs, weights, tokenizer)
 
@@ -116,7 +122,32 @@ def check_external(folder: Path, manifest: Manifest, tensors: list[ExternalTenso
                                 "writes; re-export")
         size = math.prod(t.dims) * itemsize(name)
         length = size if t.length == -1 else t.length
-        if length != size or t.offset + length > sizes[t.location]:
-            raise ManifestError(f"{where} points outside {t.location} or has the wrong length "
-                                f"(offset {t.offset}, length {length}, tensor {size} bytes, file "
+        if length != size or t.offset + length > sizes[t.location] or t.offset % WEIGHTS_ALIGN:
+            raise ManifestError(f"{where} points outside {t.location}, off its "
+                                f"{WEIGHTS_ALIGN}-byte alignment or has the wrong length (offset "
+                                f"{t.offset}, length {length}, tensor {size} bytes, file "
                                 f"{sizes[t.location]} bytes); re-export")
+
+
+def check_layout(regions: dict[tuple[str, str], tuple[int, int]], file: str) -> None:
+    """The weights file's layout as the exporter writes it: each tensor name has one region
+    (the same in both graphs), each region one name, regions never overlap (and each starts at
+    a multiple of WEIGHTS_ALIGN: check_external). Every aligned position inside the file is
+    then some tensor's start, so an edited offset or length that stays inside the file lands
+    on another tensor and is refused. `regions`: (graph file, tensor name) -> (offset,
+    length)."""
+    by_name, by_region = {}, {}
+    for (graph, name), region in regions.items():
+        if by_name.setdefault(name, region) != region:
+            raise ManifestError(f"{graph}: initializer {name[:60]!r} is stored at {region}, the "
+                                f"other graph reads it at {by_name[name]}; re-export")
+        if by_region.setdefault(region, name) != name:
+            raise ManifestError(f"{graph}: initializers {name[:60]!r} and "
+                                f"{by_region[region][:60]!r} share the bytes at {region[0]} of "
+                                f"{file}; re-export")
+    end = 0
+    for offset, length in sorted(by_region):
+        if offset < end:
+            raise ManifestError(f"{file}: two stored tensors overlap at byte {offset} (not the "
+                                "layout an export writes); re-export")
+        end = offset + length

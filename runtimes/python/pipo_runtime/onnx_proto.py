@@ -77,8 +77,9 @@ def _number(entries: dict, key: str, default: int) -> int:
     """An external-data offset or length: plain decimal digits (no sign, space or '_')."""
     if key not in entries:
         return default
-    if not _DIGITS.fullmatch(entries[key]):
-        raise ValueError(f"external-data {key} {entries[key][:30]!r} is not a decimal integer")
+    if not _DIGITS.fullmatch(entries[key]) or int(entries[key]) >= 1 << 64:
+        raise ValueError(f"external-data {key} {entries[key][:30]!r} is not a decimal integer "
+                         "below 2^64")
     return int(entries[key])
 
 
