@@ -43,7 +43,7 @@ from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
-from pipo_export.model.checkpoint import open_checkpoint, skeleton, torch_dtype
+from pipo_export.model.checkpoint import checkpoint_files, open_checkpoint, skeleton, torch_dtype
 from pipo_export.model.regular import step_class
 from pipo_export.model.steps import LOGITS
 from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
@@ -348,6 +348,7 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states, stor
                    "tool_versions": tool_versions(),
                    "source": str(Path(opts.checkpoint).resolve()),
                    "base": str(Path(opts.base).resolve()) if opts.base else None,
+                   "source_files": checkpoint_files(opts.checkpoint, opts.base),
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "timings": timings, "validation": validation},
         "graphs": {g: {"file": GRAPH_FILES[g],

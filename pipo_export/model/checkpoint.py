@@ -112,6 +112,24 @@ def check_source(cfg: PipoConfig, source: TensorSource, where) -> PipoModel:
 FLOAT_WEIGHTS = ("float32", "bfloat16", "float16")  # stored dtypes a PIPO weight may have
 
 
+CHECKPOINT_SUFFIXES = (".json", ".safetensors")  # the files load_checkpoint may read
+
+
+def checkpoint_files(folder: str | Path, base: str | Path | None = None) -> dict[str, dict]:
+    """{name: {"sha256", "bytes"}} of every .json and .safetensors file at the top of a
+    checkpoint (or adapter) folder and of its `base` (as "base/NAME"): what an export records
+    of its source (manifest export.source_files) and the torch backend checks again."""
+    from pipo_graphs.manifest import sha256_file
+    out = {}
+    for prefix, root in (("", folder), ("base/", base)):
+        if root is None:
+            continue
+        for f in sorted(Path(root).iterdir()):
+            if f.suffix in CHECKPOINT_SUFFIXES and f.is_file():
+                out[prefix + f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return out
+
+
 def open_checkpoint(path: str | Path, base: str | Path | None = None
                     ) -> tuple[PipoConfig, TensorSource, CheckpointLayout]:
     """A checkpoint folder, or a PEFT adapter folder over `base` -> (config, source, layout),

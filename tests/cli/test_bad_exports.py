@@ -243,3 +243,42 @@ def test_sealed_tokenizer_is_used(pristine, tmp_path, capsys):
     write_file(folder, "tokenizer.json", tiny_tokenizer_json().encode())
     assert _run_tokens(folder, capsys, PROMPT) == \
         _run_tokens(pristine, capsys)
+
+
+def test_torch_backend_runs_only_the_source_it_exported(pristine, tmp_path, capsys):
+    """The torch backend reruns the export's source checkpoint: it must hold the files the
+    export hashed (manifest export.source_files). A copy runs; a changed, added or removed
+    file is refused in one line."""
+    from conftest import TINY_REF
+    ck, folder = tmp_path / "ck", tmp_path / "export"
+    shutil.copytree(TINY_REF, ck)
+    shutil.copytree(pristine, folder)
+    edit_manifest(folder, lambda m: m["export"].update(source=str(ck)))
+    torch_args = [*ARGS, "--backend", "torch"]
+    assert _run_tokens(folder, capsys, torch_args) == _run_tokens(pristine, capsys)
+    changes = {"config.json changed": lambda: (ck / "config.json").write_text(
+                   (ck / "config.json").read_text() + " "),
+               "extra.safetensors is new": lambda: (ck / "extra.safetensors").write_bytes(b"x"),
+               "model.safetensors is gone": lambda: (ck / "model.safetensors").unlink()}
+    for match, change in changes.items():
+        shutil.rmtree(ck)
+        shutil.copytree(TINY_REF, ck)
+        change()
+        capsys.readouterr()
+        assert cli.main(["run", str(folder), *torch_args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+
+
+@pytest.mark.skipif(not PIPO_RUN.is_file(), reason="the C++ runtime is not built (make cpp)")
+@pytest.mark.parametrize("args,match", [
+    (["--max-steps", str(1 << 62), "--max-new-tokens", str(1 << 62)], "context"),
+    (["--max-steps", str((1 << 63) - 1)], "context"),
+    (["--threads", "1024"], "threads"),
+], ids=["steps 2^62", "steps 2^63-1", "threads 1024"])
+def test_cpp_numbers_cannot_overflow(pristine, args, match):
+    proc = subprocess.run([str(PIPO_RUN), str(pristine), "--ids", "5,17", *args],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc
+    assert match in lines[0], lines

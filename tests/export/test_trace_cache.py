@@ -78,13 +78,14 @@ def _poison(cache: Path) -> list[str]:
     return poisoned
 
 
-def test_poisoned_greedy_branch_is_refused_by_validation(trt_export, tmp_path,
+def test_poisoned_greedy_branch_is_refused_by_validation(ort_export, tmp_path,
                                                          tmp_path_factory):
-    """The trt export filled the session's trace cache; a copy of it, poisoned and resealed,
+    """The onnxruntime export (its sampler takes the argmax alone, in an If branch, for
+    greedy-only batches) filled the session's trace cache; a copy of it, poisoned and resealed,
     makes the next export fail validation (the greedy-only batch) instead of writing it."""
     cache = tmp_path / "cache"
     shutil.copytree(tmp_path_factory.getbasetemp() / "trace-cache", cache)
     assert _poison(cache), "no greedy-only If branch found in the cached pieces"
     with pytest.raises(ExportError, match="greedy-only batch"):
-        export_folder(tmp_path / "out", TINY_REF, cache, target="tensorrt")
+        export_folder(tmp_path / "out", TINY_REF, cache)
     assert not (tmp_path / "out").exists()
