@@ -65,6 +65,17 @@ def _external(**entries):
     return edit
 
 
+def _both_graphs(**entries):
+    """The same tensor's external data edited in both graphs (so they agree)."""
+    def edit(f: Path, out: Path):
+        name = external_tensors(onnx.load(str(f / PREFILL_FILE), load_external_data=False))[3].name
+        for graph in (PREFILL_FILE, DECODE_FILE):
+            model = onnx.load(str(f / graph), load_external_data=False)
+            index = [t.name for t in external_tensors(model)].index(name)
+            edit_external(f, graph, index, **entries)
+    return edit
+
+
 def _size(f: Path) -> str:
     return str((f / WEIGHTS_FILE).stat().st_size)
 
@@ -128,6 +139,10 @@ CASES = {
     "external offset 2^64-1": (_external(offset=str((1 << 64) - 1)), "offset", ALL),
     "external offset 2^64": (_external(offset=str(1 << 64)), "offset", ALL),
     "external length + 4": (_external(length=_length_plus), "wrong length", ALL),
+    "external offset of another tensor": (_external(offset="0"), "the other graph reads it",
+                                          ALL),
+    "external offset of another tensor, both graphs": (_both_graphs(offset="0"), "overlap",
+                                                       ALL),
     "external length negative": (_external(length="-4"), "length", ALL),
     "external location ../outside": (_external(location="../outside/w.data"),
                                      "plain relative path", ALL),
