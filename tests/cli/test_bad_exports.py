@@ -65,14 +65,15 @@ def _external(**entries):
     return edit
 
 
-def _both_graphs(**entries):
+def _both_graphs(index: int = 3, **entries):
     """The same tensor's external data edited in both graphs (so they agree)."""
     def edit(f: Path, out: Path):
-        name = external_tensors(onnx.load(str(f / PREFILL_FILE), load_external_data=False))[3].name
+        model = onnx.load(str(f / PREFILL_FILE), load_external_data=False)
+        name = external_tensors(model)[index].name
         for graph in (PREFILL_FILE, DECODE_FILE):
             model = onnx.load(str(f / graph), load_external_data=False)
-            index = [t.name for t in external_tensors(model)].index(name)
-            edit_external(f, graph, index, **entries)
+            at = [t.name for t in external_tensors(model)].index(name)
+            edit_external(f, graph, at, **entries)
     return edit
 
 
@@ -138,6 +139,8 @@ CASES = {
     "external offset = file size": (_external(offset=_size), "points outside", ALL),
     "external offset 2^64-1": (_external(offset=str((1 << 64) - 1)), "offset", ALL),
     "external offset 2^64": (_external(offset=str(1 << 64)), "offset", ALL),
+    "external offset -40960 on the embedding, both graphs": (
+        _both_graphs(0, offset="-40960"), "offset", ALL),  # stoull wrapped it; + length wrapped
     "external length + 4": (_external(length=_length_plus), "wrong length", ALL),
     "external offset of another tensor": (_external(offset="0"), "the other graph reads it",
                                           ALL),
