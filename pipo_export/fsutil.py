@@ -36,6 +36,8 @@ def read_json_object(path: Path, missing: dict | None = None) -> dict:
         raise PipoError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise PipoError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PipoError(f"{path}: JSON nesting too deep") from None
     if not isinstance(data, dict):
         raise PipoError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

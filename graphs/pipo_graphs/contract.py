@@ -109,6 +109,9 @@ MTP_LOGITS = "mtp_logits"  # token2's logits [B, V] float32 (zeros when the MTP 
 MTP_TOKENS = "mtp_tokens"  # the MTP's input tokens: [B, L] at prefill, [B, 1] (token1) at decode
 HEAD_EXTRAS = (LOGITS, MTP_LOGITS, MTP_TOKENS)
 DEFAULT_SAMPLE_CAP = 1024  # candidates the in-graph sampler keeps (TopK); greedy sees the full vocab
+# weights.data layout: each stored tensor starts at a multiple of this, right after the previous
+# one (zero padding only between), once; runtimes refuse any other layout
+WEIGHTS_ALIGN = 4096
 SKIPPED_CONFIDENCE = -1.0  # confidence reported when tau >= 1 and the confidence head did not run
 
 

@@ -20,7 +20,8 @@ from typing import Any, Literal, Union
 from .contract import CONTRACT_VERSION, DECODE, PREFILL, Mode, ModelDims, Target
 from .dtypes import DType
 from .errors import ManifestError  # noqa: F401 (re-exported: runtimes import it from here)
-from .seal import read_sealed
+from .members import member
+from .seal import read_sealed, seal_path
 
 MANIFEST = "manifest.json"
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
@@ -200,6 +201,9 @@ class ExportInfo(_Json):
     source: str | None = None  # the checkpoint folder (the torch backend reloads it)
     base: str | None = None  # the Qwen3.5 base folder when `source` is a PEFT adapter
     adapters: list[str] = field(default_factory=list)  # every adapter over `base`, merge order
+    # sha256 of every file of `source` (and `base`, as "base/NAME") the export read; the torch
+    # backend refuses a source that no longer matches
+    source_files: dict[str, FileEntry] | None = None
     created: str | None = None
     timings: dict[str, float] | None = None
     validation: dict[str, Any] | None = None
@@ -344,10 +348,16 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     if not path.exists():
         raise ManifestError(f"{folder}: no {MANIFEST}; not a pipo-export export folder "
                             "(make one with: pipo-export export CKPT -o OUT)")
+    if path.is_file():  # a folder in its place gets read_sealed's message
+        for name in (MANIFEST, seal_path(path).name):
+            if (folder / name).exists():
+                member(folder, name)
     try:
         data = json.loads(read_sealed(path))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: JSON nesting too deep; re-export") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: not a JSON object; re-export")
     version = data.get("contract_version")
@@ -365,9 +375,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
 
 def verify_checksums(folder: Path, manifest: Manifest) -> None:
     for name, entry in manifest.files.items():
-        f = folder / name
-        if not f.is_file():
-            raise ManifestError(f"{folder}: file {name} listed in the manifest is missing")
+        f = member(folder, name)  # inside the folder, a regular file (symlinks resolved)
         try:
             same = f.stat().st_size == entry.bytes and sha256_file(f) == entry.sha256
         except OSError as exc:

@@ -4,11 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipo_graphs.errors import PipoUserError
+
 
 def run_check(folder: str, as_json: bool = False) -> int:
+    """0 when every check passes, 1 when a check fails; a folder the runtimes refuse to load
+    is a PipoUserError (one line, exit 2), as in `run`."""
     from pipo_export.onnx.check import check_export
 
     report = check_export(folder)
+    if report.refused:
+        raise PipoUserError(report.refused)
     if as_json:
         print(json.dumps({"ok": report.ok, "checks": [
             {"check": n, "ok": ok, "detail": d} for n, ok, d in report.checks]}, indent=2))

@@ -22,6 +22,7 @@ from pipo_export.export.pieces import Piece
 from pipo_export.versions import package_versions
 
 PACKAGES = ("torch", "onnx", "onnxscript", "transformers")
+PIECE_KEY = "pipo.piece_key"  # metadata entry of a cached piece: its cache key
 
 
 TRACED_CODE = ("model/config.py", "model/layers.py", "model/modules.py", "model/steps.py",
@@ -53,21 +54,48 @@ def piece_key(piece: Piece, text_config: dict, **settings) -> str:
 
 
 class PieceCache:
-    def __init__(self, folder: str | Path):
+    """Pieces stored content-addressed: KEY.onnx holds the piece with its key in its metadata
+    (PIECE_KEY), KEY.sha256 the sha256 of KEY.onnx's bytes (`sha256sum -c` format). `load`
+    checks both, so an edited piece (a poisoned cache) or one swapped with another key's is
+    never used: it is traced again (`warn` says why, one line)."""
+
+    def __init__(self, folder: str | Path, warn=None):
         self.folder = Path(folder)
+        self.warn = warn or (lambda text: None)
 
     def load(self, key: str) -> onnx.ModelProto | None:
         path = self.folder / f"{key}.onnx"
         if not path.is_file():
             return None
         try:
-            return onnx.load(str(path))
-        except Exception:  # a truncated or foreign file: trace again
-            return None
+            data = path.read_bytes()
+            line = (self.folder / f"{key}.sha256").read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._refuse(path, f"no readable checksum ({exc.__class__.__name__})")
+        if line != f"{hashlib.sha256(data).hexdigest()}  {path.name}\n":
+            return self._refuse(path, "its bytes do not match its sha256 (edited or corrupted)")
+        try:
+            model = onnx.load_from_string(data)
+        except Exception:  # a foreign file with a matching checksum: trace again
+            return self._refuse(path, "not an ONNX model")
+        if {p.key: p.value for p in model.metadata_props}.get(PIECE_KEY) != key:
+            return self._refuse(path, "it holds another piece (swapped)")
+        return model
+
+    def _refuse(self, path: Path, why: str) -> None:
+        self.warn(f"  trace cache: {path.name} not used ({why}); tracing it again")
+        return None
 
     def store(self, key: str, model: onnx.ModelProto) -> None:
-        """Write atomically (temp file + rename): concurrent exports never read half a file."""
+        """Write atomically (temp file + rename): concurrent exports never read half a file.
+        The checksum goes last, so a piece without its checksum is never trusted."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        onnx.save(model, str(tmp))
-        tmp.replace(self.folder / f"{key}.onnx")
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        entry = model.metadata_props.add()
+        entry.key, entry.value = PIECE_KEY, key
+        data = model.SerializeToString()
+        for name, payload in ((f"{key}.onnx", data), (f"{key}.sha256", (
+                f"{hashlib.sha256(data).hexdigest()}  {key}.onnx\n").encode())):
+            tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(payload)
+            tmp.replace(self.folder / name)

@@ -8,6 +8,8 @@ from pipo_graphs.contract import DEFAULT_SAMPLE_CAP, Mode, Target
 from pipo_graphs.dtypes import DType
 
 DEFAULT_OPSET = 18
+OPSETS = range(18, 24)  # ai.onnx opsets torch's dynamo exporter (TORCHLIB_OPSET 18) converts to
+MIN_CONTEXT = 4  # tokens: one prompt pair plus one generated pair (the smallest usable request)
 
 
 @dataclass

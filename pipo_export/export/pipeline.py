@@ -28,7 +28,8 @@ from pipo_graphs.dtypes import DType
 from pipo_graphs.manifest import MANIFEST, ExportInfo, FileEntry, GraphInfo, Manifest, ModelInfo, \
     StateInfo, TensorInfo, WeightsInfo, file_entries
 from pipo_graphs.seal import write_sealed
-from pipo_runtime.text import TOKENIZER_FILES
+from pipo_runtime.folder import TOKENIZER
+from pipo_runtime.text import TOKENIZER_FILES, load_tokenizer
 
 from pipo_export.errors import ExportError
 from pipo_export.export.assemble import GraphAssembler, WeightRef, weight_names
@@ -36,13 +37,14 @@ from pipo_export.export.accuracy import TWIN_BUDGET, compare_twins
 from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
-from pipo_export.export.options import ExportOptions
+from pipo_export.export.options import MIN_CONTEXT, OPSETS, ExportOptions
 from pipo_export.export.pieces import PieceSet
 from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
-from pipo_export.model.checkpoint import checkpoint_stack, open_checkpoint, skeleton, torch_dtype
+from pipo_export.model.checkpoint import checkpoint_files, checkpoint_stack, open_checkpoint, \
+    skeleton, torch_dtype
 from pipo_export.model.regular import step_class
 from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
 from pipo_export.versions import package_versions
@@ -68,7 +70,24 @@ def tool_versions() -> dict:
 
 
 def check_options(opts: ExportOptions) -> None:
-    """Refuse, before any work, what no target here can run."""
+    """Refuse, before any work, what no target here can run, and numbers out of range."""
+    def whole(name, value, low, high=None, fix=""):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (
+            high is None or value <= high)
+        if not ok:
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ExportError(f"--{name.replace('_', '-')} must be an integer {span}, got "
+                              f"{value!r}{fix}")
+    if opts.max_context is not None:
+        whole("max_context", opts.max_context, MIN_CONTEXT,
+              fix=" (tokens of prompt plus generation; leave it out for the checkpoint's "
+                  "max_position_embeddings)")
+    whole("opset", opts.opset, OPSETS.start, OPSETS.stop - 1)
+    whole("sample_cap", opts.sample_cap, 1, fix=" (candidates the sampler keeps)")
+    if opts.trace_cache and Path(opts.trace_cache).exists() and \
+            not Path(opts.trace_cache).is_dir():
+        raise ExportError(f"--trace-cache {opts.trace_cache} is a file; give a folder (it is "
+                          "created when missing)")
     if opts.dtype == DType.BFLOAT16:
         raise ExportError("--dtype bfloat16 is not supported: ONNX Runtime's CPU kernels have no "
                           "bfloat16 (Conv, MatMul), so the export could not be validated; use "
@@ -96,7 +115,7 @@ class Traced:
         todo = {PREFILL: pieces.prefill_pieces(), DECODE: pieces.decode_pieces()}
         self.layers = {t: pieces.layer_pieces(layer) for t, layer in pieces.layer_types().items()}
         flat = [*todo[PREFILL], *todo[DECODE], *[p for pair in self.layers.values() for p in pair]]
-        cache = PieceCache(opts.trace_cache) if opts.trace_cache else None
+        cache = PieceCache(opts.trace_cache, log) if opts.trace_cache else None
         settings = {"mode": opts.mode.value, "dtype": opts.dtype.value, "opset": opts.opset,
                     "lowering": lowering.key, "sample_cap": opts.sample_cap}
         start, self.protos = time.perf_counter(), {}
@@ -187,10 +206,17 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
 
 def export(opts: ExportOptions) -> Manifest:
     check_options(opts)
+    t0 = time.perf_counter()
     named = " + ".join([opts.checkpoint] * bool(opts.checkpoint) + list(opts.adapters))
-    t0 = progress(1, f"opening checkpoint {named}"
-                  + (f" over base {opts.base}" if opts.base else ""))
-    cfg, source, layout = open_checkpoint(opts.checkpoint or None, opts.base, opts.adapters)
+    cfg, source, layout = open_checkpoint(opts.checkpoint or None, opts.base,
+                                          opts.adapters)  # headers only
+    max_context = opts.max_context or cfg.text.max_position_embeddings  # checked: never 0
+    if max_context < MIN_CONTEXT:
+        raise ExportError(f"max_position_embeddings is {max_context}, below the smallest usable "
+                          f"context ({MIN_CONTEXT} tokens); pass --max-context")
+    if (layout.folder / TOKENIZER).is_file():  # refused now, not sealed into the export
+        load_tokenizer(layout.folder / TOKENIZER)
+    progress(1, f"opened checkpoint {named}" + (f" over base {opts.base}" if opts.base else ""))
     dtype, lowering = torch_dtype(opts.dtype), lowering_for(opts.target)
     model = skeleton(cfg)
     dims = model_dims(model)
@@ -199,7 +225,6 @@ def export(opts: ExportOptions) -> Manifest:
                                                     mtp=opts.mode == Mode.PIPO)
     step = step_class(opts.mode)(model, kernels=lowering.kernels, sample_cap=opts.sample_cap,
                                  use_cond=True)
-    max_context = opts.max_context or cfg.text.max_position_embeddings
     timings = {}
     with atomic_dir(opts.out, opts.force) as tmp:
         t = progress(2, f"tracing pieces (mode {opts.mode.value}, target {opts.target.value}, "
@@ -332,6 +357,8 @@ def build_manifest(cfg, dims, source, names, opts, max_context, io, states,
             source=str((stack[0] if stack else folder).resolve()),
             base=str(Path(opts.base).resolve()) if opts.base else None,
             adapters=[str(a.resolve()) for a in stack],
+            source_files={name: FileEntry(**entry) for name, entry in checkpoint_files(
+                stack[0] if stack else folder, opts.base, stack[1:]).items()},
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             timings=timings, validation=validation),
         graphs={g: GraphInfo(file=GRAPH_FILES[g], inputs=tensors(g, spec.input_names),

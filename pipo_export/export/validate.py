@@ -60,19 +60,31 @@ class Finding:
         return self.err <= self.limit
 
 
+# Batches beside the mixed one, so that every branch of every `If` runs at least once: the
+# sampler's greedy-only branch (pipo_export.model.sampling.pick) and the decode step's tau >= 1
+# skip of the MTP and confidence heads (steps._second_token). The mixed batch takes the
+# other branch of each. Their head pieces are checked like the mixed batch's.
+BRANCH_BATCHES = {
+    "greedy-only": [(SamplingParams(), -1.0), (SamplingParams(), 0.5), (SamplingParams(), 0.0)],
+    "all tau >= 1 (skip)": [(SamplingParams(), 1.0), (SamplingParams(), 1.0),
+                            (SamplingParams(), 2.0)],
+}
+
+
 def validation_feeds(vocab: int, pad: int, lengths=VALIDATION_LENGTHS, seed: int = 0,
-                     open_top_k: bool = True):
+                     open_top_k: bool = True, rows=None):
     """Mixed-length batch -> (prefill feeds, sampling feeds, uniforms(step)): a greedy row, a
     top-k 20 row and (open_top_k) a row sampling from all of the sampler's candidates, else
     from the top 40. A float16 export uses top-k 40 there: which of 248K nearly equal random
-    logits make the top `sample_cap` is decided by float16 rounding."""
+    logits make the top `sample_cap` is decided by float16 rounding. `rows`: other
+    [(SamplingParams, threshold)] (BRANCH_BATCHES), cycled over the batch."""
     rng = np.random.default_rng(seed)
     ids = np.full((len(lengths), max(lengths) + max(lengths) % 2), pad, np.int64)
     for r, n in enumerate(lengths):
         ids[r, :n] = rng.integers(0, vocab - 1, n)
-    rows = [(SamplingParams(), -1.0),
-            (SamplingParams(0.9, 20, 0.95, 0.0, 1.5, 1.0), 0.5),
-            (SamplingParams(1.2, 0 if open_top_k else 40, 0.8, 0.05, 0.5, 1.2), 0.2)]
+    rows = rows or [(SamplingParams(), -1.0),
+                    (SamplingParams(0.9, 20, 0.95, 0.0, 1.5, 1.0), 0.5),
+                    (SamplingParams(1.2, 0 if open_top_k else 40, 0.8, 0.05, 0.5, 1.2), 0.2)]
     b = len(lengths)
     sampling = sampling_rows([rows[r % len(rows)] for r in range(b)])
     seqs = list(range(b))
@@ -222,10 +234,14 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
         paths[graph] = folder / f".validate_{graph}.onnx"
         onnx.save(assemble_fn(graph, spec), str(paths[graph]))
     try:
-        feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id,
-                                                     open_top_k=opts.dtype.value == "float32")
-        steps = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS,
-                           float16=opts.dtype.value == "float16")
+        batches = {}
+        for label, rows in {"mixed": None, **BRANCH_BATCHES}.items():
+            feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id,
+                                                         open_top_k=opts.dtype.value == "float32",
+                                                         rows=rows)
+            batches[label] = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS,
+                                        float16=opts.dtype.value == "float16")
+        steps = batches.pop("mixed")
     finally:
         for p in paths.values():
             p.unlink(missing_ok=True)
@@ -256,18 +272,25 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
                         (DECODE, (ref_pieces.decode_pieces(), low_pieces.decode_pieces()))):
         checker.check(f"{g}/head", "head", {"ref": rp[1], "low": lp[1]}, heads, steps, None, n,
                       graph_steps[g])
+    near_ties = list(checker.near_ties)  # of the mixed batch
+    for label, branch_steps in batches.items():  # the heads on the other If branches
+        for g, (rp, lp) in ((PREFILL, (ref_pieces.prefill_pieces(), low_pieces.prefill_pieces())),
+                            (DECODE, (ref_pieces.decode_pieces(), low_pieces.decode_pieces()))):
+            checker.check(f"{g}/head ({label} batch)", "head", {"ref": rp[1], "low": lp[1]},
+                          heads, branch_steps, None, n, graph_steps[g])
     if checker.failures:
         more = len(checker.failures) - 1
         raise ExportError(f"validation failed: {'; '.join(checker.failures[:3])}"
                           + (f"; {more - 2} more outputs outside" if more > 2 else "")
                           + "; the export was not written")
-    if len(checker.near_ties) == DECODE_STEPS + 1:
+    if len(near_ties) == DECODE_STEPS + 1:
         raise ExportError("validation could not compare the head at any step: every step's "
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
     return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
             "lengths": list(VALIDATION_LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
-            "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
+            "compared": len(checker.findings), "near_tie_steps": near_ties,
+            "branch_batches": list(BRANCH_BATCHES),
             "max_error": max(f.err for f in checker.findings),
             "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,
                       "error": worst.err, "limit": worst.limit, "noise": worst.noise}}

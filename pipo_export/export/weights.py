@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipo_graphs.contract import WEIGHTS_ALIGN
 from pipo_graphs.dtypes import itemsize
 
 from pipo_export.export.assemble import WeightRef
@@ -23,7 +24,7 @@ from pipo_export.export.pieces import TRANSPOSED
 from pipo_export.export.quantize import QUANT_INPUTS, QuantSpec
 from pipo_export.model.source import TensorSource
 
-ALIGN = 4096
+ALIGN = WEIGHTS_ALIGN  # the layout runtimes check (pipo_runtime.folder.check_layout)
 QUANT_SUFFIXES = tuple(TRANSPOSED + s for s in QUANT_INPUTS.values())  # .T.q .T.scales .T.zp
 
 

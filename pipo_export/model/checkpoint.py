@@ -137,6 +137,28 @@ def checkpoint_stack(path: str | Path | None, base: str | Path | None = None,
     return None, stack
 
 
+CHECKPOINT_SUFFIXES = (".json", ".safetensors")  # the files load_checkpoint may read
+
+
+def checkpoint_files(folder: str | Path, base: str | Path | None = None,
+                     adapters=()) -> dict[str, dict]:
+    """{name: {"sha256", "bytes"}} of every .json and .safetensors file at the top of a
+    checkpoint (or first adapter) folder, of its `base` (as "base/NAME") and of the adapters
+    stacked after it (as "adapterN/NAME", N = 1, 2, ...): what an export records of its source
+    (manifest export.source_files) and the torch backend checks again."""
+    from pipo_graphs.manifest import sha256_file
+    out = {}
+    roots = [("", folder), ("base/", base)] + [(f"adapter{i}/", a)
+                                              for i, a in enumerate(adapters, 1)]
+    for prefix, root in roots:
+        if root is None:
+            continue
+        for f in sorted(Path(root).iterdir()):
+            if f.suffix in CHECKPOINT_SUFFIXES and f.is_file():
+                out[prefix + f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return out
+
+
 def open_checkpoint(path: str | Path | None, base: str | Path | None = None, adapters=()
                     ) -> tuple[PipoConfig, TensorSource, CheckpointLayout]:
     """A checkpoint folder, or PEFT adapter folders over `base` (`path` if it is one, then

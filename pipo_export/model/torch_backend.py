@@ -19,7 +19,7 @@ from pipo_graphs.errors import PipoUserError
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
 
-from pipo_export.model.checkpoint import load_checkpoint
+from pipo_export.model.checkpoint import checkpoint_files, load_checkpoint
 from pipo_export.model.regular import step_class
 from pipo_export.model.steps import PipoStep
 
@@ -72,6 +72,26 @@ class TorchStepRunner(StepRunner):
         return facts or self.own_facts
 
 
+def check_source_files(manifest, source, base, adapters=()) -> None:
+    """The export's source checkpoint (and base, and the adapters stacked after `source`) still
+    hold the files the export read, byte for byte (manifest export.source_files); PipoUserError
+    naming the first that differs."""
+    recorded = manifest.export.source_files
+    if recorded is None:
+        raise PipoUserError(f"this export records no checksums of its source {source}, so the "
+                            "torch backend cannot tell it is the same checkpoint; re-export, or "
+                            "run the checkpoint folder itself (RunnerOptions.checkpoint)")
+    now = checkpoint_files(source, base, adapters)
+    for name in sorted(set(now) | set(recorded)):
+        entry = recorded.get(name)
+        if entry is None or name not in now or (entry.sha256, entry.bytes) != (
+                now[name]["sha256"], now[name]["bytes"]):
+            what = "is new" if entry is None else "is gone" if name not in now else "changed"
+            raise PipoUserError(f"{source}: {name} {what} since the export (the torch backend "
+                                "runs the export's source checkpoint); re-export, or run the "
+                                "checkpoint folder itself (RunnerOptions.checkpoint)")
+
+
 def load(folder: Path, manifest, options: RunnerOptions) -> TorchStepRunner:
     """On an export: its source checkpoint (options.checkpoint overrides it), the export's mode
     and sample_cap. On a checkpoint folder (manifest None): the folder itself, in
@@ -89,6 +109,9 @@ def load(folder: Path, manifest, options: RunnerOptions) -> TorchStepRunner:
             if not path or not Path(path).is_dir():
                 raise PipoUserError(f"the torch backend needs the export's source checkpoint "
                                     f"({path} not found); pass its folder")
+        if not options.checkpoint:
+            stack = [source] if source else adapters
+            check_source_files(manifest, stack[0], base, stack[1:])
     model = load_checkpoint(source, dtype=getattr(torch, dtype), base=base, adapters=adapters)
     step = step_class(mode)(model, **({"sample_cap": cap} if cap else {}))
     return TorchStepRunner(step)

@@ -1,13 +1,17 @@
 """`pipo-export check OUT`: verify an export folder without running it."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
 from pipo_graphs.contract import DECODE, PAST, PREFILL, TARGET_CAPS, Mode, state_specs
-from pipo_graphs.manifest import Manifest, ManifestError, load_manifest
+from pipo_graphs.errors import PipoUserError
+from pipo_graphs.manifest import Manifest
+from pipo_runtime.folder import open_export
 
 from pipo_export.onnx.graph import known_to_onnx, op_types, symbolic_dims, weight_refs
 
@@ -15,6 +19,7 @@ from pipo_export.onnx.graph import known_to_onnx, op_types, symbolic_dims, weigh
 @dataclass
 class CheckReport:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    refused: str | None = None  # the loader's refusal: the runtimes would not load the folder
 
     def add(self, name: str, ok: bool, detail: str = "") -> None:
         self.checks.append((name, ok, detail))
@@ -43,19 +48,38 @@ def model_fact_problems(manifest: Manifest, decode_dims: dict[str, list]) -> lis
     return problems
 
 
+def _onnx_checker(path: Path, weights: str | None) -> None:
+    """onnx.checker (full) on a graph file. onnx refuses external data in a symlink (a Hugging
+    Face cache stores every file as one): then the graph is checked beside a sparse stand-in of
+    the weights file's size (its bytes are the sealed ones, its references already checked by
+    open_export)."""
+    if weights is None or not (path.parent / weights).is_symlink():
+        onnx.checker.check_model(str(path), full_check=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(path, Path(tmp) / path.name)
+        with open(Path(tmp) / weights, "wb") as f:
+            f.truncate((path.parent / weights).stat().st_size)
+        onnx.checker.check_model(str(Path(tmp) / path.name), full_check=True)
+
+
 def check_export(folder: str | Path) -> CheckReport:
     folder, report = Path(folder), CheckReport()
     try:
-        manifest = load_manifest(folder, verify_files=True)
-        report.add("manifest and sha256 of every file", True, f"{len(manifest.files)} files")
-    except ManifestError as exc:
-        report.add("manifest and sha256 of every file", False, str(exc))
+        export = open_export(folder)  # the runtimes' loader: seal, paths, graph I/O, offsets
+        manifest = export.manifest
+        report.add("manifest, sha256 of every file, paths inside the folder, graph I/O and "
+                   "external-data offsets", True, f"{len(manifest.files)} files")
+    except PipoUserError as exc:
+        report.add("manifest, sha256 of every file, paths inside the folder, graph I/O and "
+                   "external-data offsets", False, str(exc))
+        report.refused = str(exc)
         return report
-    paths = {g: folder / manifest.graphs[g].file for g in (PREFILL, DECODE)}
+    paths = export.graphs
     known_to_onnx()
     for g, path in paths.items():
         try:
-            onnx.checker.check_model(str(path), full_check=True)
+            _onnx_checker(path, manifest.weights and manifest.weights.file)
             report.add(f"onnx checker: {path.name}", True)
         except Exception as exc:  # checker raises ValidationError and shape-inference errors
             report.add(f"onnx checker: {path.name}", False, str(exc).splitlines()[0])
@@ -76,7 +100,7 @@ def check_export(folder: str | Path) -> CheckReport:
     files = {loc for loc, _, _ in refs}
     stored = sum(length for _, _, length in set(refs))
     weights_file = manifest.weights.file if manifest.weights else None
-    size = (folder / weights_file).stat().st_size if files and weights_file else 0
+    size = export.weights.stat().st_size if files and export.weights else 0
     report.add("weights stored once, in one file shared by both graphs",
                files == {weights_file} and stored <= size,
                f"{len(set(refs))} tensors, {stored:,} bytes referenced, file {size:,} bytes")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pipo_graphs.contract import DECODE, PREFILL, Target
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, EngineManifest, make_engine_manifest
-from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
+from pipo_graphs.manifest import Manifest, sha256_file
 from pipo_graphs.seal import seal_path, write_sealed
+from pipo_runtime.folder import open_export
 
 from pipo_export.tensorrt.profiles import (BuildError, Precision, context_limits, derive_profiles, input_shapes,
                            resolve_precision, state_bytes)
@@ -124,7 +125,7 @@ def _publish(tmp: Path, folder: Path, names: list[str]) -> None:
 def build(opts: BuildOptions) -> EngineManifest:
     """Build both engines and engines.json in opts.folder; -> the engine manifest."""
     folder = Path(opts.folder)
-    manifest = load_manifest(folder)
+    manifest = open_export(folder).manifest  # the runtimes' checks (pipo_runtime.folder)
     target = manifest.export.target
     if target != Target.TENSORRT:
         raise BuildError(f"{folder} was exported with --target {target.value}; TensorRT engines are "

@@ -37,6 +37,11 @@ def _config(edit):
     return make
 
 
+def _edit_config(ck: Path, **kw):
+    data = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(dict(data, **kw)))
+
+
 def _set(**kw):
     return _config(lambda d: d.update(kw))
 
@@ -156,6 +161,17 @@ def _file_at(name: str):
 def _tiny_out(prepare, extra=()):
     def make(root: Path, fx) -> list[str]:
         return ["tiny", str(prepare(root)), *extra]
+    return make
+
+
+def _export_flags(*flags, edit=None):
+    """An export case: `export` of the tiny checkpoint (edited by edit(folder)) with flags."""
+    def make(root: Path, fx) -> list[str]:
+        ck = root / "ck"
+        shutil.copytree(TINY_REF, ck)
+        if edit:
+            edit(ck)
+        return ["export", str(ck), "-o", str(root / "out"), *flags]
     return make
 
 
@@ -318,6 +334,23 @@ CASES = {
     "backend unknown": (_request("--ids", "5", "--backend", "tflite"), "--backend"),
     "provider unavailable": (_request("--ids", "5", "--providers", "cuda"), "onnxruntime-gpu"),
     "threads negative": (_request("--ids", "5", "--threads", "-1"), "threads"),
+    "threads 1024": (_request("--ids", "5", "--threads", "1024"), "threads"),
+    # -------------------------------------------------------------- export options
+    "max-context -5": (_export_flags("--max-context", "-5"), "--max-context"),
+    "max-context 0": (_export_flags("--max-context", "0"), "--max-context"),
+    "max-context 1": (_export_flags("--max-context", "1"), "--max-context"),
+    "max-context 3": (_export_flags("--max-context", "3"), "--max-context"),
+    "opset 7": (_export_flags("--opset", "7"), "--opset"),
+    "opset 99": (_export_flags("--opset", "99"), "--opset"),
+    "sample-cap 0": (_export_flags("--sample-cap", "0"), "--sample-cap"),
+    "sample-cap -1": (_export_flags("--sample-cap", "-1"), "--sample-cap"),
+    "trace-cache a file": (_export_flags("--trace-cache", str(TINY_REF / "config.json")),
+                           "--trace-cache"),
+    "tokenizer.json broken": (_export_flags(edit=lambda ck: (ck / "tokenizer.json")
+                                            .write_text("{")), "tokenizer.json"),
+    "pad_token_id 1.7": (_set(pad_token_id=1.7), "pad_token_id"),
+    "max_position_embeddings 3": (_export_flags(edit=lambda ck: _edit_config(
+        ck, max_position_embeddings=3)), "max_position_embeddings"),
     # -------------------------------------------------------------- output folders
     "output exists": (_tiny_out(_existing), "--force"),
     "output under a file": (_tiny_out(_under_file), "file"),

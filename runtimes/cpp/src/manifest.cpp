@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "folder.h"
 #include "sha256.h"
 
 namespace pipo {
@@ -111,6 +112,8 @@ Manifest load_manifest(const std::string& folder, bool verify_files) {
     throw Error(folder + ": no manifest.json; not a pipo-export export folder "
                 "(make one with: pipo-export export CKPT -o OUT)");
   }
+  member_path(folder, "manifest.json", "file");
+  if (is_file(folder + "/manifest.sha256")) member_path(folder, "manifest.sha256", "file");
   Json doc = Json::parse(read_sealed(path, "manifest.json"), path);
   if (!doc.is_object()) throw Error(path + ": not a JSON object; re-export");
 
@@ -190,20 +193,29 @@ Manifest load_manifest(const std::string& folder, bool verify_files) {
     require(entry, {"sha256", "bytes"}, "manifest.files." + name);
     FileEntry f;
     f.sha256 = entry.at("sha256", name).as_string("manifest.files." + name + ".sha256");
-    f.bytes = uint64_t(entry.at("bytes", name).as_int("manifest.files." + name + ".bytes"));
+    int64_t bytes = entry.at("bytes", name).as_int("manifest.files." + name + ".bytes");
+    if (bytes < 0) {
+      throw Error("manifest.files." + name + ".bytes is " + std::to_string(bytes) +
+                  ", expected >= 0");
+    }
+    f.bytes = uint64_t(bytes);
     m.files[name] = f;
   }
+  if (doc.has("weights") && !doc.at("weights", "manifest").is_null()) {
+    const Json& w = doc.at("weights", "manifest");
+    require(w, {"file"}, "manifest.weights");
+    m.weights_file = w.at("file", "manifest.weights").as_string("manifest.weights.file");
+  }
   if (verify_files) verify_checksums(folder, m);
+  check_export_files(folder, m);  // paths, files-table coverage, external-data offsets
   return m;
 }
 
 void verify_checksums(const std::string& folder, const Manifest& manifest) {
   for (auto& [name, entry] : manifest.files) {
-    std::string path = folder + "/" + name;
+    std::string path = member_path(folder, name, "file");  // inside, regular
     uint64_t size = 0;
-    if (!is_file(path, &size)) {
-      throw Error(folder + ": file " + name + " listed in the manifest is missing");
-    }
+    is_file(path, &size);
     if (size != entry.bytes || sha256_file(path) != entry.sha256) {
       throw Error(folder + ": " + name + " does not match its sha256 in the manifest "
                   "(corrupted or swapped file); re-export");

@@ -31,6 +31,7 @@ struct Manifest {
   GraphInfo prefill, decode;
   std::vector<std::string> states;  // state names ("conv.0", ..., "output_mask")
   std::map<std::string, FileEntry> files;
+  std::string weights_file;  // manifest.weights.file ("" when the export has none)
 };
 
 // The bytes of `path` (whose file name is `name`, e.g. manifest.json) once they match the

@@ -10,7 +10,9 @@ namespace {
 
 // Field numbers from onnx.proto3.
 constexpr uint32_t kModelGraph = 7;
-constexpr uint32_t kGraphInitializer = 5;
+constexpr uint32_t kGraphNode = 1, kGraphInitializer = 5;
+constexpr uint32_t kNodeAttribute = 5, kAttributeGraph = 6, kAttributeGraphs = 11;
+constexpr int kMaxDepth = 64;  // nested subgraphs
 constexpr uint32_t kTensorDims = 1, kTensorDataType = 2, kTensorName = 8;
 constexpr uint32_t kTensorExternalData = 13, kTensorDataLocation = 14;
 constexpr uint32_t kEntryKey = 1, kEntryValue = 2;
@@ -53,6 +55,7 @@ class Reader {
     return std::string(reinterpret_cast<const char*>(r.p_), size_t(r.end_ - r.p_));
   }
   bool at_end() const { return p_ >= end_; }
+  const std::string& where() const { return where_; }
   void skip(int wire) {
     switch (wire) {
       case kVarint: varint(); break;
@@ -75,6 +78,21 @@ class Reader {
   const uint8_t* end_;
   const std::string& where_;
 };
+
+// Plain decimal digits (no sign, space or suffix) that fit in 64 bits; std::stoull would wrap
+// "-40960" to 2^64 - 40960.
+bool parse_u64(const std::string& text, uint64_t& out) {
+  if (text.empty() || text.size() > 20) return false;
+  uint64_t v = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return false;
+    uint64_t d = uint64_t(c - '0');
+    if (v > (UINT64_MAX - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  out = v;
+  return true;
+}
 
 // One TensorProto; returns false when it is not stored externally.
 bool read_tensor(Reader r, ExternalInitializer& out) {
@@ -103,24 +121,66 @@ bool read_tensor(Reader r, ExternalInitializer& out) {
         else if (f == kEntryValue && w == kLen) value = entry.bytes();
         else entry.skip(w);
       }
-      try {
-        if (key == "location") out.location = value;
-        else if (key == "offset") out.offset = std::stoull(value);
-        else if (key == "length") out.length = std::stoull(value);
-      } catch (const std::exception&) {
-        r.fail();
+      if (key == "location") {
+        out.location = value;
+      } else if (key == "offset" || key == "length") {
+        uint64_t v = 0;
+        if (!parse_u64(value, v)) {
+          throw Error(r.where() + ": external-data " + key + " '" + value.substr(0, 30) +
+                      "' is not a decimal integer below 2^64; re-export");
+        }
+        (key == "offset" ? out.offset : out.length) = v;
+        if (key == "length") out.has_length = true;
       }
     } else {
       r.skip(wire);
     }
   }
   if (location != kLocationExternal || out.location.empty()) return false;
-  if (out.length == 0) {
+  if (!out.has_length) {
     uint64_t n = element_size(out.data_type);
-    for (int64_t d : out.dims) n *= uint64_t(d);
+    for (int64_t d : out.dims) {
+      if (d < 0 || __builtin_mul_overflow(n, uint64_t(d), &n)) r.fail();
+    }
     out.length = n;
   }
   return true;
+}
+
+// GraphProto: external initializers of it and of every subgraph under its nodes.
+void read_graph(Reader graph, bool top, int depth, std::vector<ExternalInitializer>& out) {
+  if (depth > kMaxDepth) graph.fail();
+  uint32_t field;
+  int wire;
+  while (graph.next(field, wire)) {
+    if (field == kGraphInitializer && wire == kLen) {
+      ExternalInitializer init;
+      init.top_level = top;
+      if (read_tensor(graph.sub(), init)) out.push_back(std::move(init));
+    } else if (field == kGraphNode && wire == kLen) {
+      Reader node = graph.sub();
+      uint32_t nf;
+      int nw;
+      while (node.next(nf, nw)) {
+        if (nf != kNodeAttribute || nw != kLen) {
+          node.skip(nw);
+          continue;
+        }
+        Reader attr = node.sub();
+        uint32_t af;
+        int aw;
+        while (attr.next(af, aw)) {
+          if ((af == kAttributeGraph || af == kAttributeGraphs) && aw == kLen) {
+            read_graph(attr.sub(), false, depth + 1, out);
+          } else {
+            attr.skip(aw);
+          }
+        }
+      }
+    } else {
+      graph.skip(wire);
+    }
+  }
 }
 
 }  // namespace
@@ -148,15 +208,7 @@ std::vector<ExternalInitializer> external_initializers(const std::string& onnx_p
       model.skip(wire);
       continue;
     }
-    Reader graph = model.sub();
-    while (graph.next(field, wire)) {
-      if (field != kGraphInitializer || wire != kLen) {
-        graph.skip(wire);
-        continue;
-      }
-      ExternalInitializer init;
-      if (read_tensor(graph.sub(), init)) out.push_back(std::move(init));
-    }
+    read_graph(model.sub(), true, 0, out);
   }
   return out;
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <utility>
 #include <sstream>
 
@@ -81,10 +82,13 @@ void check_request(const ModelInfo& model, const std::vector<std::vector<int64_t
                   std::to_string(model.vocab_size) + ")");
     }
     int64_t len = int64_t(p.size());
-    int64_t need = len + len % 2 + 2 * steps;
-    if (need > model.max_context) {
+    int64_t prompt = len + len % 2;
+    // need = prompt + 2 * steps, compared without computing it (steps may be near 2^63)
+    if (steps < 0 || prompt > model.max_context || steps > (model.max_context - prompt) / 2) {
+      std::string need = steps <= (INT64_MAX - prompt) / 2 ? std::to_string(prompt + 2 * steps)
+                                                            : "more than 2^63";
       throw Error("prompt of " + std::to_string(len) + " tokens plus " + std::to_string(steps) +
-                  " steps needs " + std::to_string(need) + " tokens of context; this export "
+                  " steps needs " + need + " tokens of context; this export "
                   "allows " + std::to_string(model.max_context));
     }
   }

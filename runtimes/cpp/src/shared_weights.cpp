@@ -66,16 +66,25 @@ void SharedWeights::add_to(const std::string& folder, const std::string& onnx_fi
                            Ort::SessionOptions& options) {
   for (const ExternalInitializer& init : external_initializers(folder + "/" + onnx_file)) {
     size_t elem = element_size(init.data_type);
-    if (elem == 0 || init.location.find('/') != std::string::npos) continue;  // ORT loads it
+    if (!init.top_level) continue;  // subgraph initializers: ORT loads them (checked at load)
+    if (elem == 0 || init.location.find('/') != std::string::npos) {
+      throw Error(folder + "/" + onnx_file + ": initializer " + init.name +
+                  " has an external-data location or type this runtime does not map; re-export");
+    }
     auto file_it = files_.find(init.location);
     if (file_it == files_.end()) {
       file_it = files_.emplace(init.location,
                                std::make_unique<MappedFile>(folder + "/" + init.location)).first;
     }
     MappedFile& file = *file_it->second;
-    uint64_t count = 1;
-    for (int64_t d : init.dims) count *= uint64_t(d);
-    if (init.offset + init.length > file.size() || count * elem != init.length) {
+    uint64_t bytes = elem;
+    bool overflow = false;
+    for (int64_t d : init.dims) {
+      overflow = overflow || d < 0 || __builtin_mul_overflow(bytes, uint64_t(d), &bytes);
+    }
+    // offset + length <= size, in a form that cannot wrap (offsets are untrusted 64-bit values)
+    if (overflow || bytes != init.length || init.offset > file.size() ||
+        init.length > file.size() - init.offset) {
       throw Error(folder + "/" + onnx_file + ": initializer " + init.name + " points outside " +
                   init.location + " or has the wrong length; re-export");
     }

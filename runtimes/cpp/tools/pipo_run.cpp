@@ -9,6 +9,7 @@
 // {"results": [...]} for several, each with pairs, confidence (null where the head was
 // skipped), tokens, finish_reason, commit_rate and timings (ttft_ms, ms_per_step,
 // ms_per_token, steps). Errors: one line `error: ...` on stderr, exit status 2.
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "json.h"
@@ -137,9 +139,12 @@ Args parse_args(int argc, char** argv) {
       a.gen.seed = parse_seed(next());
     } else if (flag == "--threads") {
       int64_t threads = parse_int(next(), flag);
-      if (threads < 0 || threads > 1024) {
-        throw pipo::Error("threads must be an integer in [0, 1024] (0 = ONNX Runtime's default), "
-                          "got " + std::to_string(threads));
+      // as pipo_runtime's RunnerOptions: more than 4 threads per core only thrash
+      int64_t cores = std::max<int64_t>(1, int64_t(std::thread::hardware_concurrency()));
+      if (threads < 0 || threads > 4 * cores) {
+        throw pipo::Error("threads must be an integer in [0, " + std::to_string(4 * cores) +
+                          "] (4x the " + std::to_string(cores) + " cores here; 0 = ONNX "
+                          "Runtime's default), got " + std::to_string(threads));
       }
       a.runtime.intra_op_threads = int(threads);
     } else if (flag == "--no-share-weights" && !has_value) {

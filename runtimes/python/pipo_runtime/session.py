@@ -27,10 +27,12 @@ import numpy as np
 
 from pipo_graphs import SamplingParams
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
+from pipo_graphs.manifest import MANIFEST, Manifest
+from pipo_graphs.shapes import state_bytes
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.folder import TOKENIZER, open_export
 from pipo_runtime.requests import (ModelFacts, check_request, row_prefill_feeds, row_uniforms,
                                    token_ids)
 from pipo_runtime.sequence import SequenceResult, SequenceTracker
@@ -85,10 +87,13 @@ class GenerationConfig:
             raise PipoUserError("max_new_tokens must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise PipoUserError("max_steps must be >= 1")
-        if not isinstance(self.stop_strings, (list, tuple)) or not all(
-                isinstance(s, str) and s for s in self.stop_strings):
-            raise PipoUserError(f"stop_strings must be non-empty strings, got "
+        if isinstance(self.stop_strings, str) or not all(
+                isinstance(t, str) and t for t in self.stop_strings):
+            raise PipoUserError(f"stop_strings must be a list of non-empty strings, got "
                                 f"{self.stop_strings!r}")
+        if not isinstance(self.sampling, SamplingParams):
+            raise PipoUserError(f"sampling must be a pipo_graphs.SamplingParams (e.g. "
+                                f"SamplingParams(**your_dict)), got {type(self.sampling).__name__}")
         by_tokens = self.max_new_tokens if self.max_new_tokens is not None else 1 << 30
         return min(self.max_steps or 1 << 30, by_tokens)  # >= 1 user token per step unless PAD
 
@@ -171,6 +176,8 @@ class PipoSession:
                  tokenizer=None, manifest: Manifest | None = None):
         self.folder, self.runner, self.tokenizer, self.manifest = folder, runner, tokenizer, manifest
         self.facts = runner.facts(facts)
+        self.max_state_bytes = None  # set by load (RunnerOptions.max_state_bytes)
+        self.max_batch_tokens = 0  # set by load (RunnerOptions.max_batch_tokens)
         # held for a whole generation by backends whose generations cannot overlap
         self._serial = None if runner.concurrent else threading.Lock()
 
@@ -184,12 +191,17 @@ class PipoSession:
         folder = Path(folder)
         options = replace(options or RunnerOptions(), **option_fields)
         module = backend_module(parse_backend(backend))
-        manifest = None
+        export = None
         if (folder / MANIFEST).is_file() or not getattr(module, "RUNS_CHECKPOINTS", False):
-            manifest = load_manifest(folder)
+            export = open_export(folder)  # every file it names checked (pipo_runtime.folder)
+        manifest = export.manifest if export else None
         runner = module.load(folder, manifest, options)
         facts = ModelFacts.from_manifest(manifest) if manifest else None
-        return cls(folder, facts, runner, load_tokenizer(folder), manifest)
+        tokenizer = load_tokenizer(export.tokenizer if export else folder / TOKENIZER)
+        session = cls(folder, facts, runner, tokenizer, manifest)
+        session.max_state_bytes = options.state_budget()
+        session.max_batch_tokens = options.max_batch_tokens
+        return session
 
     def _prompts(self, prompts) -> list[list[int]]:
         """One prompt (text, ids) or a batch of them (a list, or a 2-D integer array) ->
@@ -212,11 +224,17 @@ class PipoSession:
     def stream(self, prompts, config: GenerationConfig) -> GenerationStream:
         """Check the request (now), then yield user tokens (and text deltas) as steps complete;
         the returned stream's `.result` holds the GenerationResult once it is exhausted."""
+        if self.runner is None:
+            raise PipoUserError("this PipoSession is closed; load the folder again")
+        if not isinstance(config, GenerationConfig):
+            raise PipoUserError(f"config must be a GenerationConfig, got "
+                                f"{type(config).__name__}")
         prompts = self._prompts(prompts)
         steps = config.steps()
         config.sampling.validate()
         stop_ids = token_ids(config.stop_token_ids, "stop_token_ids")
         check_request(self.facts, prompts, steps, stop_ids)
+        self._check_memory(prompts, steps)
         result = GenerationResult([SequenceResult() for _ in prompts])
         return GenerationStream(self._events(prompts, config, steps, result), result)
 
@@ -261,5 +279,29 @@ class PipoSession:
             pass
         return stream.result
 
+    def _check_memory(self, prompts: list[list[int]], steps: int) -> None:
+        """Refuse, before allocating, a batch over RunnerOptions.max_batch_tokens (padded
+        prompt tokens) or whose states (past and present of a step) would not fit
+        RunnerOptions.max_state_bytes."""
+        width = max(len(p) for p in prompts)
+        padded = len(prompts) * (width + width % 2)
+        if self.max_batch_tokens and padded > self.max_batch_tokens:
+            raise PipoUserError(f"{len(prompts)} prompts of up to {width} tokens are {padded:,} "
+                                f"padded prompt tokens, over the {self.max_batch_tokens:,} of "
+                                "RunnerOptions.max_batch_tokens; send fewer or shorter prompts "
+                                "per request")
+        if self.manifest is None or self.max_state_bytes is None:
+            return
+        slots = (width + 1) // 2 + steps  # past_pairs at the last step
+        need = 2 * state_bytes(self.manifest.states, len(prompts), slots)
+        if need > self.max_state_bytes:
+            raise PipoUserError(f"{len(prompts)} prompts with {steps} steps need {need / 2**30:.1f}"
+                                f" GiB of states, over the {self.max_state_bytes / 2**30:.1f} GiB "
+                                "budget (RunnerOptions.max_state_bytes); send fewer or shorter "
+                                "requests")
+
     def close(self) -> None:
-        self.runner.close()
+        """Free the backend; later calls raise PipoUserError. Closing twice is allowed."""
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None

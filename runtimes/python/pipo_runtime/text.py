@@ -15,17 +15,23 @@ class TokenizerError(PipoUserError):
     pass
 
 
-def load_tokenizer(folder: str | Path):
-    """The folder's tokenizer.json as a `tokenizers.Tokenizer`, or None when absent."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
+def load_tokenizer(path: str | Path | None):
+    """tokenizer.json at `path` as a `tokenizers.Tokenizer`, or None when absent (for an
+    export: the path pipo_runtime.folder vouches for, None when the seal does not cover one)."""
+    if path is None or not Path(path).is_file():
         return None
+    path = Path(path)
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise TokenizerError("the folder has tokenizer.json but the 'tokenizers' package is "
                              "missing: pip install tokenizers") from None
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception for a malformed file
+        raise TokenizerError(f"{path}: not a valid tokenizer.json "
+                             f"({str(exc).splitlines()[0][:120] if str(exc) else exc!r}); "
+                             "re-export or remove it") from None
 
 
 def encode(tokenizer, text: str, folder) -> list[int]:

@@ -43,6 +43,7 @@ sets `RUNS_CHECKPOINTS = True` and is given a checkpoint folder.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -105,12 +106,42 @@ class RunnerOptions:
     base: str | None = None
     adapters: tuple[str, ...] = ()
     dtype: str = "float32"
+    # bytes of states (past and present of one step) a request may need; None: half this
+    # machine's memory; 0: no limit
+    max_state_bytes: int | None = None
+    # prompt tokens of one request, padded (rows x longest prompt): prefill's activations grow
+    # with it (attention: with its square); 0: no limit
+    max_batch_tokens: int = 1 << 18
+
+    def state_budget(self) -> int | None:
+        """max_state_bytes resolved: None when unlimited."""
+        if self.max_state_bytes is None:
+            pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+            return pages * os.sysconf("SC_PAGE_SIZE") // 2 if pages > 0 else None
+        return self.max_state_bytes or None
 
     def __post_init__(self):
+        most = max_threads()
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
-                or not 0 <= self.threads <= 1024:
-            raise PipoUserError(f"threads must be an integer in [0, 1024] (0 = ONNX Runtime's "
-                                f"default), got {self.threads!r}")
+                or not 0 <= self.threads <= most:
+            raise PipoUserError(f"threads must be an integer in [0, {most}] ({THREADS_PER_CORE}x "
+                                f"the {os.cpu_count()} cores here; 0 = ONNX Runtime's default), "
+                                f"got {self.threads!r}")
+        for name in ("max_state_bytes", "max_batch_tokens"):
+            budget = getattr(self, name)
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                                       or budget < 0):
+                raise PipoUserError(f"{name} must be an integer >= 0 (0 = no limit), got "
+                                    f"{budget!r}")
+
+
+THREADS_PER_CORE = 4  # more intra-op threads than this per core only thrash (1024 on 2 cores:
+#                       minutes per step)
+
+
+def max_threads() -> int:
+    """The most intra-op threads a runner accepts on this machine."""
+    return THREADS_PER_CORE * (os.cpu_count() or 1)
 
 
 class StepRunner:

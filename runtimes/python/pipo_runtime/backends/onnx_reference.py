@@ -68,7 +68,12 @@ class _Graph:
     def __init__(self, path: Path):
         import onnx
         from onnx.reference import ReferenceEvaluator
-        model = onnx.load(str(path), load_external_data=True)
+        try:
+            model = onnx.load(str(path), load_external_data=True)
+        except Exception as exc:  # protobuf DecodeError, a missing external file, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise PipoUserError(f"{path.name}: onnx cannot load it ({first}); re-export") \
+                from None
         _refuse_contrib(path, _contrib_ops(model))
         self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
         self.output_names = [o.name for o in model.graph.output]

@@ -16,7 +16,6 @@ copies the caches only when a column goes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from pipo_graphs.shapes import pair_axes
 
 from pipo_runtime.backends import rows as host_rows
 from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
+from pipo_runtime.onnx_proto import ExternalTensor, external_initializers  # noqa: F401
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -63,103 +63,6 @@ def resolve_providers(names) -> list[str]:
     return resolved
 
 
-# ---------------------------------------------------------------------------- .onnx protobuf
-@dataclass(frozen=True)
-class ExternalTensor:
-    """An initializer stored in an external data file."""
-
-    name: str
-    data_type: int  # onnx TensorProto.DataType
-    dims: tuple[int, ...]
-    location: str
-    offset: int
-    length: int
-
-
-def _fields(buf: bytes, start: int, end: int):
-    """(field number, wire type, value) of one protobuf message; value: an int for varints,
-    (start, end) for length-delimited fields, None otherwise."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = (i, i + n), i + n
-        elif wire in (1, 5):
-            value, i = None, i + (8 if wire == 1 else 4)
-        else:
-            raise ValueError(f"wire type {wire}")
-        if i > end:
-            raise ValueError("truncated")
-        yield key >> 3, wire, value
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _tensor(buf: bytes, start: int, end: int) -> ExternalTensor | None:
-    dims, data_type, name, location, entries = [], 0, "", 0, {}
-    for f, wire, v in _fields(buf, start, end):
-        if f == 1 and wire == 0:
-            dims.append(v)
-        elif f == 1 and wire == 2:  # packed dims
-            i = v[0]
-            while i < v[1]:
-                d, i = _varint(buf, i)
-                dims.append(d)
-        elif f == 2 and wire == 0:
-            data_type = v
-        elif f == 8 and wire == 2:
-            name = buf[v[0]:v[1]].decode()
-        elif f == 14 and wire == 0:
-            location = v
-        elif f == 13 and wire == 2:  # StringStringEntryProto
-            kv = {kf: buf[kv_[0]:kv_[1]].decode() for kf, kw, kv_ in _fields(buf, *v) if kw == 2}
-            entries[kv.get(1, "")] = kv.get(2, "")
-    if location != 1 or "location" not in entries:  # 1 = TensorProto.EXTERNAL
-        return None
-    return ExternalTensor(name, data_type, tuple(dims), entries["location"],
-                          int(entries.get("offset", 0)), int(entries.get("length", -1)))
-
-
-def external_initializers(path: str | Path) -> list[ExternalTensor]:
-    """Every initializer of an .onnx file stored in external data, subgraphs (If, Scan, Loop
-    bodies) included, read straight from the protobuf (no onnx package needed)."""
-    buf = Path(path).read_bytes()
-    out: list[ExternalTensor] = []
-
-    def graph(start, end):  # GraphProto: node = 1, initializer = 5
-        for f, wire, v in _fields(buf, start, end):
-            if f == 5 and wire == 2:
-                tensor = _tensor(buf, *v)
-                if tensor is not None:
-                    out.append(tensor)
-            elif f == 1 and wire == 2:  # NodeProto: attribute = 5
-                for af, aw, av in _fields(buf, *v):
-                    if af == 5 and aw == 2:  # AttributeProto: g = 6, graphs = 11
-                        for gf, gw, gv in _fields(buf, *av):
-                            if gf in (6, 11) and gw == 2:
-                                graph(*gv)
-    try:
-        for f, wire, v in _fields(buf, 0, len(buf)):
-            if f == 7 and wire == 2:  # ModelProto.graph
-                graph(*v)
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise PipoUserError(f"{path}: not a valid ONNX model ({exc}); re-export") from None
-    return out
-
-
 # ---------------------------------------------------------------------------- sessions
 def _options(options: RunnerOptions, optimization: OrtOptimization, prepack: bool):
     import onnxruntime as ort
@@ -181,6 +84,19 @@ def _options(options: RunnerOptions, optimization: OrtOptimization, prepack: boo
     return so
 
 
+def _session(path, so, providers, model: bytes | None = None, **kw):
+    """An InferenceSession of the graph at `path` (or of `model`, its serialized replacement);
+    ORT's load errors (a malformed or foreign graph) in one line."""
+    import onnxruntime as ort
+    try:
+        return ort.InferenceSession(str(path) if model is None else model, so,
+                                    providers=providers, **kw)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PipoUserError(f"{Path(path).name}: ONNX Runtime cannot load it ({first}); "
+                            "`pipo-export check` the folder or re-export it") from None
+
+
 def shared_sessions(paths, options: RunnerOptions | None = None, models=None) -> list:
     """One InferenceSession per .onnx path; all of them read their external weights through
     one np.memmap per data file (no per-session copy; prepacked copies only if
@@ -192,8 +108,7 @@ def shared_sessions(paths, options: RunnerOptions | None = None, models=None) ->
     options = options or RunnerOptions()
     providers = resolve_providers(options.providers)
     if options.session_options is not None:
-        return [ort.InferenceSession(str(p), options.session_options, providers=providers)
-                for p in paths]
+        return [_session(p, options.session_options, providers) for p in paths]
     tables = {Path(p): external_initializers(p) for p in paths}
     optimization = OrtOptimization(options.optimization)
     if optimization == OrtOptimization.AUTO:
@@ -229,9 +144,8 @@ def shared_sessions(paths, options: RunnerOptions | None = None, models=None) ->
         if models is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(path.parent))
-        source = str(path) if models is None else models[len(sessions)]
-        session = ort.InferenceSession(source, so, providers=providers,
-                                       disabled_optimizers=disabled)
+        model = None if models is None else models[len(sessions)]
+        session = _session(path, so, providers, model, disabled_optimizers=disabled)
         session._pipo_weights = (maps, values)  # keep the mapping alive with the session
         sessions.append(session)
     return sessions
