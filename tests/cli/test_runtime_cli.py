@@ -111,7 +111,8 @@ def test_bad_requests(export_copy, layout_export):
     assert "outside the vocabulary" in _user_error("run", out, "--ids", "5,9999")
     assert "context" in _user_error("run", out, "--ids", "5,6", "--max-steps", "20000")
     assert "tokenizer" in _user_error("run", out, "--prompt", "hello")
-    assert "providers" in _user_error("run", out, "--ids", "5", "--providers", "nosuch")
+    assert "unknown ONNX Runtime provider 'nosuch'" in _user_error("run", out, "--ids", "5",
+                                                                   "--providers", "nosuch")
     assert "invalid choice" in _user_error("run", out, "--ids", "5", "--backend", "nosuch")
     assert "unknown backend" in _user_error("compare", out, "--backends", "torch,nosuch")
     assert "at least one token" in _user_error("run", out, "--ids", "")

@@ -138,8 +138,9 @@ def test_cli_flags(chat_export):
 
     from pipo_export.cli.parser import build_parser
     from pipo_runtime.serve.config import config_from_args
-    ns = build_parser().parse_args(["serve", str(chat_export), "--max-batch", "3",
-                                    "--providers", "cpu", "--generation-config", "none"])
+    argv = ["serve", str(chat_export), "--max-batch", "3", "--providers", "cpu",
+            "--generation-config", "none"]
+    ns = build_parser(argv).parse_args(argv)
     config = config_from_args(ns)
     assert (config.max_batch, config.providers, config.generation_config, config.port) == \
         (3, ("cpu",), GenerationDefaults.NONE, 8000)
