@@ -13,7 +13,7 @@ import numpy as np
 from pipo_graphs import SamplingParams
 from pipo_graphs.contract import (DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR, PREFILL,
     UNIFORMS, present_to_past)
-from pipo_runtime.requests import sampling_feeds
+from pipo_runtime.requests import empty_past, ort_inputs, sampling_feeds
 
 PROMPT_TOKENS, STEPS = 64, 64
 TWIN_BUDGET = 8 << 30  # bytes of float32 weights the comparison may write and map
@@ -33,7 +33,8 @@ def compare_twins(float_sessions: dict, quant_sessions: dict, vocab: int, pad: i
                   logits_name: str) -> dict:
     """Run both (sessions per graph) teacher forced on the float twin's pairs."""
     feeds, sampling = _greedy_feeds(vocab, pad)
-    runs = {"float": (float_sessions, feeds), "quant": (quant_sessions, feeds)}
+    runs = {name: (sessions, {**feeds, **empty_past(ort_inputs(sessions[PREFILL]), 1)})
+            for name, sessions in (("float", float_sessions), ("quant", quant_sessions))}
     worst, scale, agree = 0.0, 0.0, np.zeros(2)
     for step in range(STEPS):
         out = {}

@@ -7,6 +7,12 @@ generate or stream. Its loop is the only generation loop: every backend runs thr
     for event in stream: ...
     stream.result  # the GenerationResult, once the stream is exhausted
 
+Continuing sequences (graph contract 1.1, pipo_runtime.continuation): with
+`GenerationConfig(save_state=True)` each result sequence carries its `state`; the next turn
+`session.generate(new_tokens, config, past=state)` prefills only `state.pending + new_tokens`
+and gives the tokens of generating from `state.history + new_tokens` from scratch.
+`prefill_chunk=N` prefills prompts longer than N tokens in chunks of N (same tokens).
+
 Threads: a session may be shared. Each call runs its own generation (its own states, sampling
 inputs and result: `StepRunner.begin()`), over the backend's shared graphs and weights; a
 backend that cannot run two generations at once (TensorRT: one execution context per graph)
@@ -24,12 +30,14 @@ from typing import Iterator
 import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
+from pipo_graphs.contract import Mode, NEXT_TOKEN, continues
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
 from pipo_graphs.semantics import SequenceOutput
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
-from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.backends.base import CANNOT_CONTINUE, RunnerOptions, StepRunner
+from pipo_runtime.continuation import SequenceState, batch_past, row_state
 from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds, token_ids
 from pipo_runtime.text import encode, load_tokenizer
 
@@ -57,9 +65,15 @@ class GenerationConfig:
     seq_offset: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    save_state: bool = False  # keep each sequence's final states (SequenceResult.state)
+    prefill_chunk: int | None = None  # prefill prompts in chunks of at most this many tokens
 
     def steps(self) -> int:
         """Check the request's fields (type, range, finiteness); -> the steps it may take."""
+        if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk)
+                                               or self.prefill_chunk < 2 or self.prefill_chunk % 2):
+            raise PipoUserError(f"prefill_chunk must be an even integer >= 2 (chunks hold whole "
+                                f"pairs), got {self.prefill_chunk!r}")
         if not _is_real(self.threshold) or not math.isfinite(self.threshold):
             raise PipoUserError(f"threshold must be a finite number, got {self.threshold!r}")
         for name in ("max_steps", "max_new_tokens", "seed", "seq_offset"):
@@ -83,6 +97,9 @@ class GenerationConfig:
 class SequenceResult(SequenceOutput):
     text: str | None = None
     prefill_tokens: int = 0  # user tokens the prefill step emitted (1 or 2)
+    prompt_tokens: int = 0  # tokens prefilled for this sequence (its past's pending + new)
+    cached_tokens: int = 0  # tokens its past states held (not prefilled again)
+    state: SequenceState | None = None  # its final states (GenerationConfig.save_state)
 
 
 @dataclass
@@ -185,39 +202,106 @@ class PipoSession:
             raise PipoUserError("empty prompt: every prompt needs at least one token")
         return out
 
-    def stream(self, prompts, config: GenerationConfig) -> GenerationStream:
+    def _past(self, past, n: int) -> list[SequenceState | None]:
+        """past (None, one SequenceState, or one per prompt) -> one entry per prompt."""
+        if past is None:
+            return [None] * n
+        rows = [past] if isinstance(past, SequenceState) else list(past)
+        if len(rows) != n or any(r is not None and not isinstance(r, SequenceState)
+                                 for r in rows):
+            raise PipoUserError(f"past must be a SequenceState or one (or None) per prompt: "
+                                f"{n} prompts, got {len(rows)} entries")
+        return rows
+
+    def _check_continuation(self, past: list, config: GenerationConfig) -> None:
+        """Refuse (one line) to continue sequences on an export whose contract cannot."""
+        if self.manifest is None or continues(self.manifest.contract_version):
+            return
+        if any(p is not None for p in past) or config.prefill_chunk:
+            raise PipoUserError(CANNOT_CONTINUE)
+
+    def stream(self, prompts, config: GenerationConfig, past=None) -> GenerationStream:
         """Check the request (now), then yield user tokens (and text deltas) as steps complete;
-        the returned stream's `.result` holds the GenerationResult once it is exhausted."""
+        the returned stream's `.result` holds the GenerationResult once it is exhausted.
+        past: SequenceStates the prompts continue (one, or one or None per prompt)."""
         prompts = self._prompts(prompts)
+        past = self._past(past, len(prompts))
         steps = config.steps()
         config.sampling.validate()
+        self._check_continuation(past, config)
         stop_ids = token_ids(config.stop_token_ids, "stop_token_ids")
-        check_request(self.facts, prompts, steps, stop_ids)
+        inputs = [list(p.pending) + t if p else t for t, p in zip(prompts, past)]
+        check_request(self.facts, [list(p.consumed) + t if p else t
+                                   for t, p in zip(inputs, past)], steps, stop_ids)
         result = GenerationResult([SequenceResult() for _ in prompts])
-        return GenerationStream(self._events(prompts, config, steps, result), result)
+        return GenerationStream(self._events(inputs, past, config, steps, result), result)
 
-    def _events(self, prompts: list[list[int]], config: GenerationConfig, steps: int,
-                result: GenerationResult) -> Iterator[StreamEvent]:
+    def _events(self, prompts: list[list[int]], past: list, config: GenerationConfig,
+                steps: int, result: GenerationResult) -> Iterator[StreamEvent]:
         if self._serial is not None:
             with self._serial:
-                yield from self._steps(self.runner, prompts, config, steps, result)
+                yield from self._steps(self.runner, prompts, past, config, steps, result)
             return
         runner = self.runner.begin()  # this generation's states; graphs and weights shared
         try:
-            yield from self._steps(runner, prompts, config, steps, result)
+            yield from self._steps(runner, prompts, past, config, steps, result)
         finally:
             runner.end()
 
-    def _steps(self, runner: StepRunner, prompts, config: GenerationConfig, steps: int,
-               result: GenerationResult) -> Iterator[StreamEvent]:
+    @property
+    def _pair_width(self) -> int:
+        """Tokens the model reads per cache slot: 2 (pairs), 1 in regular mode."""
+        regular = self.manifest is not None and self.manifest.export.mode == Mode.REGULAR
+        return 1 if regular else 2
+
+    def _prefill(self, runner: StepRunner, inputs: list[list[int]], past: list,
+                 config: GenerationConfig, seqs: list[int]) -> tuple:
+        """The prefill step: with prefill_chunk, rows longer than a chunk first prefill chunks
+        of exactly prefill_chunk tokens (each with next_token, the chunk's follower), over
+        their own states; -> (pair, conf, consumed tokens per row)."""
+        pad, width = self.facts.pad_id, self._pair_width
+        consumed = [list(p.consumed) if p else [] for p in past]
+        rest, past = [list(t) for t in inputs], list(past)
+        chunk, native = config.prefill_chunk, None  # native: (rows, runner.past()) of a chunk
+
+        def feeds_for(rows, tokens):
+            feeds = prefill_feeds(tokens, pad, config.sampling, config.threshold, config.seed,
+                                  [seqs[r] for r in rows])
+            same = native is not None and native[0] == rows
+            feeds.update(native[1] if same else batch_past([past[r] for r in rows]))
+            return feeds
+
+        rows = [r for r in range(len(rest)) if chunk and len(rest[r]) > chunk]
+        while rows:
+            feeds = feeds_for(rows, [rest[r][:chunk] for r in rows])
+            feeds[NEXT_TOKEN] = np.array([rest[r][chunk] for r in rows], np.int64)
+            runner.prefill(feeds)
+            for r in rows:
+                consumed[r] += rest[r][:chunk]
+                rest[r] = rest[r][chunk:]
+            following = [r for r in rows if len(rest[r]) > chunk] or list(range(len(rest)))
+            native = (rows, runner.past())
+            if following != rows:  # the next call batches other rows: keep each row's states
+                outs = runner.outputs()
+                for i, r in enumerate(rows):
+                    past[r] = row_state(outs, i, consumed[r])
+                native = None
+            rows = [r for r in rows if len(rest[r]) > chunk]
+        pair, conf = runner.prefill(feeds_for(list(range(len(rest))), rest))
+        for r, tokens in enumerate(rest):
+            consumed[r] += tokens + [pad] * (-len(tokens) % width)
+        return pair, conf, consumed
+
+    def _steps(self, runner: StepRunner, prompts, past: list, config: GenerationConfig,
+               steps: int, result: GenerationResult) -> Iterator[StreamEvent]:
         seqs = [config.seq_offset + i for i in range(len(prompts))]
-        feeds = prefill_feeds(prompts, self.facts.pad_id, config.sampling, config.threshold,
-                              config.seed, seqs)
         outs, texts = result.sequences, ["" for _ in prompts]
         stop_ids = set(config.stop_token_ids)
         start = time.perf_counter()
-        pair, conf = runner.prefill(feeds)
+        pair, conf, consumed = self._prefill(runner, prompts, past, config, seqs)
         result.ttft_s = time.perf_counter() - start
+        for out, tokens, p in zip(outs, prompts, past):
+            out.prompt_tokens, out.cached_tokens = len(tokens), len(p.consumed) if p else 0
         for step in range(steps):
             if step:
                 t = time.perf_counter()
@@ -235,7 +319,10 @@ class PipoSession:
                 delta = self._text(out, row, texts, config)
                 if new or delta:
                     yield StreamEvent(row, new, delta, step)
-            if all(o.done for o in outs):
+            last = step == steps - 1 or all(o.done for o in outs)
+            if config.save_state:
+                self._save(runner, outs, consumed, last)
+            if last:
                 break
         for row, out in enumerate(outs):
             out.finish_reason = out.finish_reason or "length"
@@ -243,9 +330,21 @@ class PipoSession:
             if delta:
                 yield StreamEvent(row, [], delta, result.steps - 1)
 
-    def generate(self, prompts, config: GenerationConfig) -> GenerationResult:
+    def _save(self, runner: StepRunner, outs: list, consumed: list, last: bool) -> None:
+        """Keep the states of the rows that finished this step (all rows at the last step):
+        they hold the consumed tokens and every emitted pair but the last (pending)."""
+        rows = [r for r, o in enumerate(outs) if o.state is None and (o.done or last)]
+        if not rows:
+            return
+        values, width = runner.outputs(), self._pair_width
+        for r in rows:
+            pairs = [p[:width] for p in outs[r].pairs]
+            held = consumed[r] + [t for p in pairs[:-1] for t in p]
+            outs[r].state = row_state(values, r, held, pairs[-1])
+
+    def generate(self, prompts, config: GenerationConfig, past=None) -> GenerationResult:
         """Run to completion; exactly what `stream` yields, collected."""
-        stream = self.stream(prompts, config)
+        stream = self.stream(prompts, config, past)
         for _ in stream:
             pass
         return stream.result

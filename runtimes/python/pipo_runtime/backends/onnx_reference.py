@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, ORT_ONNX_DOMAIN_OPS, PAIR,
-                                  PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, LENGTHS, ORT_ONNX_DOMAIN_OPS,
+                                  PAIR, PREFILL, SAMPLING_INPUTS, UNIFORMS, present_to_past)
 from pipo_graphs.errors import PipoUserError
 
-from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.backends.base import RunnerOptions, StepRunner, prefill_extras
+from pipo_runtime.requests import GraphInput
 
 
 def _reference_ops():
@@ -53,6 +54,10 @@ class _Graph:
                                 "--target tensorrt export (standard ops) on onnx-reference")
         self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
         self.output_names = [o.name for o in model.graph.output]
+        self.inputs = [GraphInput(i.name, onnx.helper.tensor_dtype_to_np_dtype(
+            i.type.tensor_type.elem_type).name, tuple(d.dim_param or d.dim_value
+                                                      for d in i.type.tensor_type.shape.dim))
+            for i in model.graph.input]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
@@ -73,7 +78,8 @@ class OnnxReferenceStepRunner(StepRunner):
 
     def prefill(self, feeds):
         self.fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
-        self.last = self.pre.run(feeds)
+        past = prefill_extras(self.pre.inputs, feeds, len(feeds[LENGTHS]))
+        self.last = self.pre.run({**feeds, **{k: np.asarray(v) for k, v in past.items()}})
         return self.last[PAIR], self.last[CONFIDENCE]
 
     def decode(self, uniforms):

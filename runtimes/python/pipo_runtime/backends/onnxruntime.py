@@ -22,7 +22,9 @@ from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LEN
 from pipo_graphs.dtypes import ONNX_CODES, ONNX_NAMES, numpy_dtype
 from pipo_graphs.errors import PipoUserError
 
-from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
+from pipo_runtime.backends.base import (BackendError, OrtOptimization, RunnerOptions, StepRunner,
+    prefill_extras)
+from pipo_runtime.requests import ort_inputs
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -225,6 +227,7 @@ class OrtStepRunner(StepRunner):
         self.pre, self.dec = shared_sessions([prefill_path, decode_path], options)
         self.files = {self.pre: Path(prefill_path).name, self.dec: Path(decode_path).name}
         self.names = {s: [o.name for o in s.get_outputs()] for s in (self.pre, self.dec)}
+        self.pre_inputs = ort_inputs(self.pre)
 
     def _value(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device)
@@ -248,7 +251,13 @@ class OrtStepRunner(StepRunner):
         self.uniforms = self._value(feeds[UNIFORMS])
         inputs = {INPUT_IDS: self._value(feeds[INPUT_IDS]),
                   LENGTHS: self._value(feeds[LENGTHS]), **self.fixed, UNIFORMS: self.uniforms}
+        for name, value in prefill_extras(self.pre_inputs, feeds, len(feeds[LENGTHS])).items():
+            inputs[name] = value if isinstance(value, self.ort.OrtValue) else self._value(value)
         return self._run(self.pre, inputs)
+
+    def past(self):
+        """The last step's states as OrtValues (no host copy)."""
+        return present_to_past(self.values)
 
     def decode(self, uniforms):
         self.uniforms.update_inplace(np.ascontiguousarray(uniforms, dtype=np.float32))
