@@ -108,11 +108,9 @@ def _graph_state(name: str, value: np.ndarray, state_dtype) -> np.ndarray:
 
 def validate_steps(step: PipoStep, prefill, decode, prefill_feeds: dict,
                    decode_steps: int, sampling_feeds: dict, uniforms, atol: float, rtol: float,
-                   state_dtype=np.float32, then=None):
+                   state_dtype=np.float32):
     """Prefill then `decode_steps` decode steps; each graph gets the torch reference's own states
     (cast to `state_dtype`) as input, so errors do not compound. -> [(step, [OutputError])].
-    then: past feeds (the reference's last states) -> the feeds of one more prefill that
-    continues them (contract 1.1), compared the same way.
 
     A step whose tokens differ only where the float64 reference itself is at a near-tie (see
     `near_tie_tokens`) is reported as one `near_tie` entry instead: its token-dependent outputs
@@ -123,17 +121,18 @@ def validate_steps(step: PipoStep, prefill, decode, prefill_feeds: dict,
     with SampleRecorder() as calls:
         ref = run_torch_prefill(step, prefill_feeds)
     report.append((0, _step_errors(prefill.infer(prefill_feeds), ref, calls, step, atol, rtol)))
-    for i in range(1, decode_steps + 1 + (then is not None)):
-        past = present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})
-        if i > decode_steps:
-            feeds, graph, run = then(past), prefill, run_torch_prefill
-        else:
-            feeds = {"input_pair": ref["pair"], **sampling_feeds, UNIFORMS: uniforms(i), **past}
-            graph, run = decode, run_torch_decode
+    for i in range(1, decode_steps + 1):
+        feeds = {"input_pair": ref["pair"], **sampling_feeds, UNIFORMS: uniforms(i),
+                 **graph_past(ref, state_dtype)}
         with SampleRecorder() as calls:
-            ref = run(step, feeds)
-        report.append((i, _step_errors(graph.infer(feeds), ref, calls, step, atol, rtol)))
+            ref = run_torch_decode(step, feeds)
+        report.append((i, _step_errors(decode.infer(feeds), ref, calls, step, atol, rtol)))
     return report
+
+
+def graph_past(ref: dict, state_dtype=np.float32) -> dict:
+    """A reference step's outputs -> the next step's past.<state> feeds in the graph dtypes."""
+    return present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})
 
 
 def _step_errors(got: dict, ref: dict, calls: list, step, atol: float, rtol: float) -> list:
