@@ -91,7 +91,8 @@ Engine::Engine(const std::string& folder, const Manifest& manifest,
   for (size_t i = 0; i < prefill_inputs.size(); ++i) {
     const std::string& name = prefill_inputs[i];
     if (name.rfind(kPast, 0) != 0 && name != kNextToken) continue;
-    auto info = prefill_->GetInputTypeInfo(i).GetTensorTypeAndShapeInfo();
+    Ort::TypeInfo type = prefill_->GetInputTypeInfo(i);  // owns the shape info below
+    auto info = type.GetTensorTypeAndShapeInfo();
     prefill_extra_.push_back({name, info.GetElementType(), info.GetShape()});
   }
   auto decode_inputs = input_names(*decode_);
