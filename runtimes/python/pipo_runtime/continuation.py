@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipo_graphs.contract import ATTENTION_MASK, PAST, POSITION, PRESENT, past_axis
+from pipo_graphs.contract import ATTENTION_MASK, NEXT_TOKEN, PAST, PRESENT, past_axis
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,54 @@ def batch_past(rows: list[SequenceState | None]) -> dict[str, np.ndarray]:
     return out
 
 
-def position(state: SequenceState) -> int:
-    """The pair position a continuation of `state` starts at."""
-    return int(state.states[PAST + POSITION][0])
+def prefill_continuing(runner, inputs: list[list[int]], past: list, feeds_for,
+                       chunk: int | None, pad_id: int, width: int = 2):
+    """One prefill step of rows that may continue saved states and may be chunked.
+
+    inputs: each row's tokens to prefill (its past's pending + new); past: a SequenceState or
+    None per row; feeds_for(rows, tokens) -> the prompt, sampling and uniform feeds of those
+    rows (requests.prefill_feeds or row_prefill_feeds); chunk: prefill_chunk (even) or None;
+    width: tokens per cache slot (2; 1 in regular mode). Rows longer than `chunk` first
+    prefill chunks of exactly `chunk` tokens with next_token = the chunk's follower, over their
+    own states (kept in the runner's own form, `past()`, while the same rows go on; as
+    SequenceStates when the batch changes). -> (pair [B, 2], conf [B], consumed tokens per row:
+    what each row's states hold after the step)."""
+    consumed = [list(p.consumed) if p else [] for p in past]
+    rest, past = [list(t) for t in inputs], list(past)
+    native = None  # (rows, runner.past()) after a chunk call
+
+    def feeds(rows, tokens):
+        out = feeds_for(rows, tokens)
+        same = native is not None and native[0] == rows
+        out.update(native[1] if same else batch_past([past[r] for r in rows]))
+        return out
+
+    rows = [r for r in range(len(rest)) if chunk and len(rest[r]) > chunk]
+    while rows:
+        step = feeds(rows, [rest[r][:chunk] for r in rows])
+        step[NEXT_TOKEN] = np.array([rest[r][chunk] for r in rows], np.int64)
+        runner.prefill(step)
+        for r in rows:
+            consumed[r] += rest[r][:chunk]
+            rest[r] = rest[r][chunk:]
+        following = [r for r in rows if len(rest[r]) > chunk] or list(range(len(rest)))
+        native = (rows, runner.past())
+        if following != rows:  # the next call batches other rows: keep each row's states
+            outs = runner.outputs()
+            for i, r in enumerate(rows):
+                past[r] = row_state(outs, i, consumed[r])
+            native = None
+        rows = [r for r in rows if len(rest[r]) > chunk]
+    pair, conf = runner.prefill(feeds(list(range(len(rest))), rest))
+    for r, tokens in enumerate(rest):
+        consumed[r] += tokens + [pad_id] * (-len(tokens) % width)
+    return pair, conf, consumed
+
+
+def finished_state(outputs: dict, row: int, consumed: list[int], pairs: list,
+                   width: int = 2) -> SequenceState:
+    """The SequenceState of a row that emitted `pairs` after its prefill step consumed
+    `consumed`, from the outputs of the step that emitted its last pair: every pair but the
+    last is consumed, the last is pending (width 1, regular mode: its first token)."""
+    pairs = [list(p[:width]) for p in pairs]
+    return row_state(outputs, row, consumed + [t for p in pairs[:-1] for t in p], pairs[-1])

@@ -30,14 +30,14 @@ from typing import Iterator
 import numpy as np
 
 from pipo_graphs import SamplingParams, step_uniforms
-from pipo_graphs.contract import Mode, NEXT_TOKEN, continues
+from pipo_graphs.contract import Mode, continues
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest, load_manifest
 from pipo_graphs.semantics import SequenceOutput
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
 from pipo_runtime.backends.base import CANNOT_CONTINUE, RunnerOptions, StepRunner
-from pipo_runtime.continuation import SequenceState, batch_past, row_state
+from pipo_runtime.continuation import SequenceState, finished_state, prefill_continuing
 from pipo_runtime.requests import ModelFacts, check_request, prefill_feeds, token_ids
 from pipo_runtime.text import encode, load_tokenizer
 
@@ -254,51 +254,17 @@ class PipoSession:
         regular = self.manifest is not None and self.manifest.export.mode == Mode.REGULAR
         return 1 if regular else 2
 
-    def _prefill(self, runner: StepRunner, inputs: list[list[int]], past: list,
-                 config: GenerationConfig, seqs: list[int]) -> tuple:
-        """The prefill step: with prefill_chunk, rows longer than a chunk first prefill chunks
-        of exactly prefill_chunk tokens (each with next_token, the chunk's follower), over
-        their own states; -> (pair, conf, consumed tokens per row)."""
-        pad, width = self.facts.pad_id, self._pair_width
-        consumed = [list(p.consumed) if p else [] for p in past]
-        rest, past = [list(t) for t in inputs], list(past)
-        chunk, native = config.prefill_chunk, None  # native: (rows, runner.past()) of a chunk
-
-        def feeds_for(rows, tokens):
-            feeds = prefill_feeds(tokens, pad, config.sampling, config.threshold, config.seed,
-                                  [seqs[r] for r in rows])
-            same = native is not None and native[0] == rows
-            feeds.update(native[1] if same else batch_past([past[r] for r in rows]))
-            return feeds
-
-        rows = [r for r in range(len(rest)) if chunk and len(rest[r]) > chunk]
-        while rows:
-            feeds = feeds_for(rows, [rest[r][:chunk] for r in rows])
-            feeds[NEXT_TOKEN] = np.array([rest[r][chunk] for r in rows], np.int64)
-            runner.prefill(feeds)
-            for r in rows:
-                consumed[r] += rest[r][:chunk]
-                rest[r] = rest[r][chunk:]
-            following = [r for r in rows if len(rest[r]) > chunk] or list(range(len(rest)))
-            native = (rows, runner.past())
-            if following != rows:  # the next call batches other rows: keep each row's states
-                outs = runner.outputs()
-                for i, r in enumerate(rows):
-                    past[r] = row_state(outs, i, consumed[r])
-                native = None
-            rows = [r for r in rows if len(rest[r]) > chunk]
-        pair, conf = runner.prefill(feeds_for(list(range(len(rest))), rest))
-        for r, tokens in enumerate(rest):
-            consumed[r] += tokens + [pad] * (-len(tokens) % width)
-        return pair, conf, consumed
-
     def _steps(self, runner: StepRunner, prompts, past: list, config: GenerationConfig,
                steps: int, result: GenerationResult) -> Iterator[StreamEvent]:
         seqs = [config.seq_offset + i for i in range(len(prompts))]
         outs, texts = result.sequences, ["" for _ in prompts]
         stop_ids = set(config.stop_token_ids)
         start = time.perf_counter()
-        pair, conf, consumed = self._prefill(runner, prompts, past, config, seqs)
+        pair, conf, consumed = prefill_continuing(
+            runner, prompts, past, lambda rows, tokens: prefill_feeds(
+                tokens, self.facts.pad_id, config.sampling, config.threshold, config.seed,
+                [seqs[r] for r in rows]), config.prefill_chunk, self.facts.pad_id,
+            self._pair_width)
         result.ttft_s = time.perf_counter() - start
         for out, tokens, p in zip(outs, prompts, past):
             out.prompt_tokens, out.cached_tokens = len(tokens), len(p.consumed) if p else 0
@@ -331,16 +297,12 @@ class PipoSession:
                 yield StreamEvent(row, [], delta, result.steps - 1)
 
     def _save(self, runner: StepRunner, outs: list, consumed: list, last: bool) -> None:
-        """Keep the states of the rows that finished this step (all rows at the last step):
-        they hold the consumed tokens and every emitted pair but the last (pending)."""
+        """Keep the states of the rows that finished this step (all rows at the last step)."""
         rows = [r for r, o in enumerate(outs) if o.state is None and (o.done or last)]
-        if not rows:
-            return
-        values, width = runner.outputs(), self._pair_width
+        values = runner.outputs() if rows else {}
         for r in rows:
-            pairs = [p[:width] for p in outs[r].pairs]
-            held = consumed[r] + [t for p in pairs[:-1] for t in p]
-            outs[r].state = row_state(values, r, held, pairs[-1])
+            outs[r].state = finished_state(values, r, consumed[r], outs[r].pairs,
+                                           self._pair_width)
 
     def generate(self, prompts, config: GenerationConfig, past=None) -> GenerationResult:
         """Run to completion; exactly what `stream` yields, collected."""
