@@ -286,7 +286,8 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
     return {"method": "teacher-forced per piece vs torch float64", "steps": STEPS,
-            "lengths": list(VALIDATION_LENGTHS), "continued": list(CONTINUE_LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
+            "lengths": list(VALIDATION_LENGTHS), "continued": list(CONTINUE_LENGTHS),
+            "noise_factor": NOISE_FACTOR, "floor": floor,
             "compared": len(checker.findings), "near_tie_steps": checker.near_ties,
             "max_error": max(f.err for f in checker.findings),
             "worst": {"piece": worst.piece, "output": worst.output, "step": worst.step,

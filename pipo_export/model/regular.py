@@ -50,7 +50,8 @@ class RegularStep(PipoStep):
         logits = self.model.lm_head(take(hidden, lengths - 1))
         token = self.pick(logits, sp, prompt_mask, output_mask, uniforms[:, 0])
         output_mask = add_tokens(output_mask, token[:, None], self.pad_id)
-        states = {ATTENTION_MASK: torch.cat([past[ATTENTION_MASK], valid], 1), POSITION: position + n_valid, PROMPT_MASK: prompt_mask,
+        states = {ATTENTION_MASK: torch.cat([past[ATTENTION_MASK], valid], 1),
+                  POSITION: position + n_valid, PROMPT_MASK: prompt_mask,
                   OUTPUT_MASK: self.emitted_mask(output_mask, next_token),
                   LOGITS: logits.float()}
         return (*self._emit(token), states)
@@ -70,7 +71,7 @@ class RegularStep(PipoStep):
         hidden = self.model.model.norm(hidden)
         logits = self.model.lm_head(hidden[:, 0])
         token = self.pick(logits, sp, past[PROMPT_MASK], past[OUTPUT_MASK], uniforms[:, 0])
-        states = {ATTENTION_MASK: torch.cat([past[ATTENTION_MASK], valid], 1), POSITION: position + 1,
+        states = {ATTENTION_MASK: mask, POSITION: position + 1,
                   PROMPT_MASK: past[PROMPT_MASK].clone(),
                   OUTPUT_MASK: add_tokens(past[OUTPUT_MASK], token[:, None], self.pad_id),
                   LOGITS: logits.float()}

@@ -116,9 +116,9 @@ class PipoStep(nn.Module):
     def prefill_head(self, hidden, input_ids, lengths, valid, n_valid, position, cos, sin,
                      past: States, next_token, sp, uniforms):
         """hidden [B, L, H] (last layer's output) and the embed outputs, past: mtp_key/mtp_value
-        [B, Hkv, P, D], attention_mask [B, P], prompt_mask/output_mask [B, V]; next_token [B] (-1, or the first token
-        of the chunk after this one), sp: sampling [B], uniforms [B, 2] -> pair [B, 2],
-        confidence [B], head states (mtp cache, masks, ...)."""
+        [B, Hkv, P, D], attention_mask [B, P], prompt_mask/output_mask [B, V]; next_token [B]
+        (-1, or the first token of the chunk after this one), sp: sampling [B], uniforms
+        [B, 2] -> pair [B, 2], confidence [B], head states (mtp cache, masks, ...)."""
         hidden = self.model.model.norm(hidden)
         last, mask = n_valid - 1, torch.cat([past[ATTENTION_MASK], valid], 1)
         prompt_mask, output_mask = self.continued_masks(input_ids, lengths, past)

@@ -16,8 +16,9 @@ from pipo_runtime.requests import GraphInput
 
 PAD = 511  # pipo-tiny-ref's pad_token_id
 # penalties on, sampled, gated: every piece of state (masks, MTP cache, RNG) matters
-CONFIG = GenerationConfig(max_steps=6, threshold=0.3, seed=7, save_state=True, sampling=SamplingParams(
-    temperature=0.8, top_k=20, presence_penalty=1.5, repetition_penalty=1.2))
+CONFIG = GenerationConfig(max_steps=6, threshold=0.3, seed=7, save_state=True,
+                          sampling=SamplingParams(temperature=0.8, top_k=20,
+                                                  presence_penalty=1.5, repetition_penalty=1.2))
 RUNS = {"ort-contrib": (Backend.ONNXRUNTIME, "ort"), "ort-standard": (Backend.ONNXRUNTIME, "trt"),
         "onnx-reference": (Backend.ONNX_REFERENCE, "trt")}
 

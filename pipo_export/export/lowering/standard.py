@@ -86,8 +86,8 @@ def chunk_rule_scan(q, k, v, g, beta, state=None):
     """Chunked gated delta rule from `state` (the past one; None: zeros).
 
     q/k [B, L, Hk, Dk], v [B, L, Hv, Dv], g/beta [B, L, Hv], state [B, Hv, Dk, Dv] float32
-    -> out [B, L, Hv, Dv] (input dtype), final state [B, Hv, Dk, Dv] float32. L is dynamic; padding to a multiple of 64
-    uses g = beta = 0, which leaves the state unchanged.
+    -> out [B, L, Hv, Dv] (input dtype), final state [B, Hv, Dk, Dv] float32. L is dynamic;
+    padding to a multiple of 64 uses g = beta = 0, which leaves the state unchanged.
     """
     dtype = q.dtype
     q, k, v, g, beta = _heads(q, k, v, g, beta)
