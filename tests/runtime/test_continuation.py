@@ -151,3 +151,15 @@ def test_torch_backend_resumes_like_the_exports(tiny_ref, sessions):
     a2 = torch_session.generate([[40, 41]], CONFIG, past=a.state).sequences[0]
     b2 = ort.generate([[40, 41]], CONFIG, past=b.state).sequences[0]
     assert a2.pairs == b2.pairs
+
+
+def test_regular_mode_resumes_token_by_token(regular_export):
+    """Regular decoding (one token per slot, pair[1] always PAD): its history holds each step's
+    token only, an odd prompt reads no PAD, and resuming equals the whole history."""
+    session = PipoSession.load(regular_export)
+    first = session.generate([[5, 6, 7]], CONFIG).sequences[0]
+    assert first.state.consumed[:3] == (5, 6, 7) and len(first.state.pending) == 1
+    assert first.state.slots == len(first.state.consumed) == 3 + 5
+    got = session.generate([[8, 9]], CONFIG, past=first.state).sequences[0]
+    want = session.generate([list(first.state.history) + [8, 9]], CONFIG).sequences[0]
+    assert got.pairs == want.pairs and got.prompt_tokens == 3
