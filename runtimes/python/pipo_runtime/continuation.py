@@ -71,8 +71,9 @@ def empty_like(state: SequenceState) -> SequenceState:
 
 def batch_past(rows: list[SequenceState | None]) -> dict[str, np.ndarray]:
     """Per-row saved states -> the past.<state> feeds of one batch [B, ...]: each row's cache
-    slots padded at the end to the longest with slots that hold no position (attention_mask
-    False). None rows start fresh. {} when every row is None."""
+    slots padded on the left to the longest with slots that hold no position (attention_mask
+    False), so real slots stay right-aligned (the engine's layout, backends/rows.py). None rows
+    start fresh. {} when every row is None."""
     template = next((r for r in rows if r is not None), None)
     if template is None:
         return {}
@@ -86,7 +87,7 @@ def batch_past(rows: list[SequenceState | None]) -> dict[str, np.ndarray]:
             v = r.states[name]
             if axis is not None and v.shape[axis] < slots:
                 pad = [(0, 0)] * v.ndim
-                pad[axis] = (0, slots - v.shape[axis])
+                pad[axis] = (slots - v.shape[axis], 0)
                 v = np.pad(v, pad)
             parts.append(v)
         out[name] = np.concatenate(parts, 0)
