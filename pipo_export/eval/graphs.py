@@ -26,7 +26,7 @@ from pipo_graphs.contract import (CONFIDENCE, DECODE, HEAD_SCOPE, INPUT_IDS, INP
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import load_manifest
 from pipo_graphs import SamplingParams
-from pipo_runtime.requests import sampling_feeds
+from pipo_runtime.requests import empty_past, ort_inputs, sampling_feeds
 
 TOKEN1_LOGITS = f"{HEAD_SCOPE}/{LOGITS}"
 TOKEN2_LOGITS = f"{HEAD_SCOPE}/{MTP_LOGITS}"
@@ -108,7 +108,8 @@ def score_sessions(sessions: dict, ids: np.ndarray, step=None):
                 UNIFORMS: np.zeros((b, 2), np.float32)}
     conf = np.empty((b, n), np.float32)
     cut = lambda lo, hi: np.ascontiguousarray(ids[:, lo:hi], np.int64)  # noqa: E731
-    feeds = {INPUT_IDS: cut(0, 2), LENGTHS: np.full(b, 2, np.int64), **sampling}
+    feeds = {INPUT_IDS: cut(0, 2), LENGTHS: np.full(b, 2, np.int64), **sampling,
+             **empty_past(ort_inputs(sessions[PREFILL]), b)}  # contract 1.1: a fresh past
     for i in range(n):
         sess = sessions[PREFILL if i == 0 else DECODE]
         feeds[FORCED_TOKENS] = cut(2 * i + 2, 2 * i + 3)
