@@ -1,6 +1,6 @@
 """PipoSession: load an export folder (or, on the torch backend, a checkpoint folder) once, then
 generate or stream. Every backend runs through it; its per-row logic (SequenceTracker: pairs to
-user tokens, limits, stop ids and strings, text; prefill_rows/decode_rows: each row's own
+user tokens, limits, stop ids and strings, text; row_feeds/decode_rows: each row's own
 sampling inputs and random stream) is the one the engine (pipo_runtime.engine) runs too.
 
     session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
@@ -123,13 +123,6 @@ class GenerationResult:
         """Decode time per user-visible token after the first step."""
         later = sum(len(s.tokens) - s.prefill_tokens for s in self.sequences)
         return 1e3 * self.decode_s / max(later, 1)
-
-
-def prefill_rows(runner: StepRunner, rows: list[SequenceTracker],
-                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill `rows` as one batch on `runner` (each row with its own sampling settings and
-    random stream) -> pair [B, 2], confidence [B]."""
-    return runner.prefill(row_feeds(rows, [r.prompt for r in rows], pad_id))
 
 
 def row_feeds(rows: list[SequenceTracker], tokens: list[list[int]], pad_id: int) -> dict:
