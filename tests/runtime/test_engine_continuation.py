@@ -177,3 +177,18 @@ def test_contract_1_0_runs_without_chunks_or_cache(session, monkeypatch):
     assert engine._prefill.cache is None and again.cached_tokens == 0
     assert [e[1] for e in log.entries if e[0] == "prefill"][0] == 200
     assert not any(e[2] for e in log.entries if e[0] == "prefill")
+
+
+def test_a_tau_1_request_is_not_cached(session):
+    """A tau >= 1 request alone skips the MTP at decode (its states lack those MTP slots), so
+    it leaves nothing in the cache: its next turn at tau < 1 still equals the whole history."""
+    engine = Engine(session, EngineConfig(cache_bytes=1 << 26))
+    try:
+        first = [5, 6, 7, 8]
+        got = engine.submit(first, replace(CONFIG, threshold=1.0)).result(timeout=120)
+        follow = raw_history(first, got) + [30, 31, 32]
+        again = engine.submit(follow, CONFIG).result(timeout=120)
+        same(again, alone(session, follow, CONFIG))
+        assert again.cached_tokens == 0 and len(engine._prefill.cache) == 1  # `again` only
+    finally:
+        engine.shutdown()
