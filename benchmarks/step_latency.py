@@ -28,7 +28,7 @@ from pipo_graphs.contract import DECODE, INPUT_PAIR, PAIR, PREFILL, UNIFORMS, pr
 from pipo_graphs.manifest import load_manifest
 from pipo_runtime.backends.base import RunnerOptions
 from pipo_runtime.backends.onnxruntime import OrtStepRunner, shared_sessions
-from pipo_runtime.requests import prefill_feeds, sampling_feeds
+from pipo_runtime.requests import empty_past, ort_inputs, prefill_feeds, sampling_feeds
 
 
 def _paths(folder: Path):
@@ -41,6 +41,7 @@ def time_ort(folder: Path, prompt, steps: int, threshold: float, threads: int):
     pre, dec = shared_sessions([pre_path, dec_path], RunnerOptions(threads=threads))
     fixed = sampling_feeds(SamplingParams(), threshold, 1)
     feeds = prefill_feeds([prompt], m.model.pad_token_id, SamplingParams(), threshold, 0, [0])
+    feeds.update(empty_past(ort_inputs(pre), 1))  # a fresh sequence (contract 1.1)
     t = time.perf_counter()
     out = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, feeds)))
     prefill = time.perf_counter() - t

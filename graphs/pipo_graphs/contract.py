@@ -4,8 +4,12 @@ Two graphs, one step each (docs/contract.md, "The two steps"):
 
 prefill_compress
     inputs   input_ids [B, T] int64 (T even, right-padded with PAD), lengths [B] int64 (real
-             prompt tokens per row, >= 1), the sampling inputs below, uniforms [B, 2] float32
+             prompt tokens per row, >= 1), past.<state> for every state (1.1: the states the
+             prompt continues; fresh sequences: empty_state_value), next_token [B] int64 (1.1:
+             -1, or the first token of the next chunk of a chunked prompt), the sampling inputs
+             below, uniforms [B, 2] float32
     outputs  pair [B, 2] int64, confidence [B] float32, present.<state> for every state
+             (P_past + T/2 cache slots)
 decode_unfold
     inputs   input_pair [B, 2] int64 (the pair emitted last), past.<state> for every state,
              the sampling inputs, uniforms [B, 2] float32
@@ -33,13 +37,14 @@ from enum import Enum
 
 from .errors import PipoUserError
 
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
+CONTINUATION_VERSION = "1.1"  # the first contract whose prefill takes past states
 PREFILL = "prefill_compress"
 DECODE = "decode_unfold"
 PAST = "past."
 PRESENT = "present."
 # graph inputs besides the states and the sampling inputs
-INPUT_IDS, LENGTHS, INPUT_PAIR = "input_ids", "lengths", "input_pair"
+INPUT_IDS, LENGTHS, INPUT_PAIR, NEXT_TOKEN = "input_ids", "lengths", "input_pair", "next_token"
 # the states that are not per layer (per-layer ones: state_name(kind, layer))
 MTP_KEY, MTP_VALUE = "mtp_key", "mtp_value"
 ATTENTION_MASK, POSITION, PROMPT_MASK, OUTPUT_MASK = ("attention_mask", "position",
@@ -82,6 +87,13 @@ def state_name(kind: str, layer: int | None = None) -> str:
     """A state's name: "<kind>.<layer>" for per-layer states (key, value, conv, recurrent),
     the kind itself for the others (mtp_key, attention_mask, position, ...)."""
     return kind if layer is None else f"{kind}.{layer}"
+
+
+def continues(version: str) -> bool:
+    """Whether an export of contract `version` ("major.minor") takes past states at prefill."""
+    major, _, minor = version.partition(".")
+    want_major, _, want_minor = CONTINUATION_VERSION.partition(".")
+    return (int(major), int(minor or 0)) >= (int(want_major), int(want_minor))
 
 
 def present_to_past(outputs: dict) -> dict:

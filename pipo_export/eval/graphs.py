@@ -24,9 +24,9 @@ import numpy as np
 from pipo_graphs.contract import (CONFIDENCE, DECODE, HEAD_SCOPE, INPUT_IDS, INPUT_PAIR, LENGTHS,
     LOGITS, MTP_LOGITS, MTP_TOKENS, PREFILL, UNIFORMS, Mode, present_to_past)
 from pipo_graphs.errors import PipoUserError
-from pipo_graphs.manifest import load_manifest
 from pipo_graphs import SamplingParams
-from pipo_runtime.requests import sampling_feeds
+from pipo_runtime.folder import open_export
+from pipo_runtime.requests import empty_past, ort_inputs, sampling_feeds
 
 TOKEN1_LOGITS = f"{HEAD_SCOPE}/{LOGITS}"
 TOKEN2_LOGITS = f"{HEAD_SCOPE}/{MTP_LOGITS}"
@@ -79,19 +79,21 @@ class ExportScorer:
     vocab_size: int
     max_context: int
     label: str
+    tokenizer_path: Path | None = None  # the sealed tokenizer.json (None: the seal has none)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 0) -> "ExportScorer":
         """Verify the export (manifest seal, every file's sha256) and open its eval graphs."""
         folder = Path(folder)
-        manifest = load_manifest(folder)
+        export = open_export(folder)  # the runtimes' loader: every file it names checked
+        manifest = export.manifest
         if manifest.export.mode != Mode.PIPO:
             raise PipoUserError(f"{folder}: a --mode {manifest.export.mode.value} export has no "
                                 "MTP or confidence head; eval scores PIPO exports")
         vocab = manifest.model.vocab_size
         paths = {g: folder / manifest.graphs[g].file for g in (PREFILL, DECODE)}
         return cls(eval_sessions(paths, vocab, threads), vocab, manifest.model.max_context,
-                   f"export {folder}")
+                   f"export {folder}", export.tokenizer)
 
     def score(self, ids: np.ndarray, step=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids [B, T] int64 (T even >= 4) -> token1 logits [B, L-1, V], token2 logits
@@ -108,7 +110,8 @@ def score_sessions(sessions: dict, ids: np.ndarray, step=None):
                 UNIFORMS: np.zeros((b, 2), np.float32)}
     conf = np.empty((b, n), np.float32)
     cut = lambda lo, hi: np.ascontiguousarray(ids[:, lo:hi], np.int64)  # noqa: E731
-    feeds = {INPUT_IDS: cut(0, 2), LENGTHS: np.full(b, 2, np.int64), **sampling}
+    feeds = {INPUT_IDS: cut(0, 2), LENGTHS: np.full(b, 2, np.int64), **sampling,
+             **empty_past(ort_inputs(sessions[PREFILL]), b)}  # contract 1.1: a fresh past
     for i in range(n):
         sess = sessions[PREFILL if i == 0 else DECODE]
         feeds[FORCED_TOKENS] = cut(2 * i + 2, 2 * i + 3)

@@ -173,8 +173,10 @@ def open_reference(path: str | Path, facts: dict, threads: int = 0) -> Reference
     if vocab != facts["vocab_size"]:
         raise PipoUserError(f"--reference {path}: its vocabulary has {vocab} tokens, the "
                             f"export's {facts['vocab_size']}; compare models of one vocabulary")
+    from pipo_runtime.folder import TOKENIZER
     from pipo_runtime.text import load_tokenizer
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(ref.scorer.tokenizer_path if isinstance(ref, ExportReference)
+                               else path / TOKENIZER)
     if tokenizer is None:
         raise PipoUserError(f"--reference {path}: no tokenizer.json, so eval cannot check it "
                             "reads the text as the export does; copy the export's tokenizer.json "

@@ -95,7 +95,7 @@ def evaluate(opts: EvalOptions) -> dict:
     from pipo_runtime.text import load_tokenizer
     folder = Path(opts.export)
     scorer = ExportScorer.load(folder, opts.threads)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(scorer.tokenizer_path)
     if tokenizer is None:
         raise PipoUserError(f"{folder} has no tokenizer.json, so --text cannot be tokenized; "
                             "export from a checkpoint folder that holds one")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, ModelDims,
-    PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, StateSpec, UNIFORMS, state_specs)
+    NEXT_TOKEN, PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, StateSpec, UNIFORMS, state_specs)
 from pipo_graphs.dtypes import DType
 
 from pipo_export.model.modules import PipoModel
@@ -57,10 +57,11 @@ def _sampling() -> tuple[TensorSpec, ...]:
 
 def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
                 ) -> tuple[GraphSpec, GraphSpec, list[StateSpec]]:
-    """-> (prefill spec, decode spec, states). Prefill outputs hold P = prompt_pairs slots
-    (PIPO) or 2*prompt_pairs slots (regular decoding, mtp=False: one token per slot)."""
+    """-> (prefill spec, decode spec, states). The prefill continues past states: its outputs
+    hold past_pairs + prompt_pairs slots (PIPO) or past_pairs + 2*prompt_pairs slots (regular
+    decoding, mtp=False: one token per slot)."""
     states = state_specs(dims, DType(dtype).value, mtp)
-    slots = "prompt_pairs" if mtp else "2*prompt_pairs"
+    slots = "past_pairs + prompt_pairs" if mtp else "past_pairs + 2*prompt_pairs"
     head = (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
 
     def with_dim(shape, old, new):
@@ -69,7 +70,9 @@ def graph_specs(dims: ModelDims, dtype: str, mtp: bool = True
     prefill = GraphSpec(
         PREFILL,
         (TensorSpec(INPUT_IDS, "int64", ("batch", "2*prompt_pairs")),
-         TensorSpec(LENGTHS, "int64", ("batch",))) + _sampling(),
+         TensorSpec(LENGTHS, "int64", ("batch",)))
+        + tuple(TensorSpec(PAST + s.name, s.dtype, s.shape) for s in states)
+        + (TensorSpec(NEXT_TOKEN, "int64", ("batch",)),) + _sampling(),
         head + tuple(TensorSpec(PRESENT + s.name, s.dtype, with_dim(s.shape, "past_pairs", slots))
                      for s in states))
     decode = GraphSpec(

@@ -10,7 +10,8 @@ Piece inputs and outputs are named by the values they carry between pieces: grap
 their contract names (``input_ids``, ``past.key``, ...), the rest ``x`` (hidden states),
 ``valid``/``mask``, ``n_valid``, ``cos``, ``sin``; layer states by kind (``key``, ``conv``, ...)
 and head states by name (``mtp_key``, ``output_mask``, ...). Symbolic dims: batch,
-prompt_tokens (= 2 * prompt_pairs), prompt_pairs, past_pairs, "past_pairs + 1".
+prompt_tokens (= 2 * prompt_pairs), prompt_pairs, past_pairs, "past_pairs + 1"; a prefill
+continues past states, its caches hold "past_pairs + prompt_pairs" slots.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from pipo_graphs.contract import (ATTENTION_MASK, CONFIDENCE, INPUT_IDS, INPUT_PAIR, LENGTHS,
-    MTP_KEY, MTP_VALUE, OUTPUT_MASK, PAIR, PAST, POSITION, PROMPT_MASK, SAMPLING_INPUTS,
-    UNIFORMS)
+    MTP_KEY, MTP_VALUE, NEXT_TOKEN, OUTPUT_MASK, PAIR, PAST, POSITION, PROMPT_MASK,
+    SAMPLING_INPUTS, UNIFORMS)
 
 from pipo_graphs import SamplingParams
 from pipo_runtime.requests import sampling_feeds
@@ -149,9 +150,16 @@ class PieceSet:
         owner, kinds, k = LayerOwner(layer), LAYER_STATES[layer.block_type], self.step.kernels
         params, dt, slots, b = _params(owner), self.dt, self.slots, EXAMPLE_BATCH
 
-        def prefill(o, x, valid, n_valid, cos, sin):
-            x, st = layer_prefill(o.layer, x, valid, n_valid, cos, sin, k)
+        def prefill(o, x, valid, n_valid, past_mask, cos, sin, *past):
+            x, st = layer_prefill(o.layer, x, valid, n_valid, past_mask, cos, sin,
+                                  dict(zip(kinds, past)), k)
             return (x, *[st[s] for s in kinds])
+
+        def prefill_example():
+            x, valid, n_valid, cos, sin = self._embedded()[2]
+            p = EXAMPLE_PAST_PAIRS
+            return (x, valid, n_valid, self._past_mask(b, p), cos, sin,
+                    *[self._state_example(self.state_spec(layer, s), b, p) for s in kinds])
 
         def decode(o, x, mask, cos, sin, *past):
             x, st = layer_decode(o.layer, x, mask, cos, sin, dict(zip(kinds, past)), k)
@@ -168,9 +176,12 @@ class PieceSet:
                              TensorSpec("sin", dt, ("batch", n, self.rot)))
         pre = Piece(f"prefill.{layer.block_type}", owner, prefill,
                     (hidden(slots), TensorSpec("valid", "bool", ("batch", slots)),
-                     TensorSpec("n_valid", "int64", ("batch",))) + rope_in(slots),
-                    (hidden(slots),) + tuple(self.state_spec(layer, s, slots) for s in kinds),
-                    lambda: self._embedded()[2], params, layer_prefix=True)
+                     TensorSpec("n_valid", "int64", ("batch",)), self._past_mask_spec())
+                    + rope_in(slots) + tuple(self.state_spec(layer, s).rename(PAST + s)
+                                             for s in kinds),
+                    (hidden(slots),) + tuple(self.state_spec(layer, s, f"past_pairs + {slots}")
+                                             for s in kinds),
+                    prefill_example, params, layer_prefix=True)
         dec = Piece(f"decode.{layer.block_type}", owner, decode,
                     (hidden(1), TensorSpec("mask", "bool", ("batch", "past_pairs + 1")))
                     + rope_in(1) + tuple(self.state_spec(layer, s).rename(PAST + s)
@@ -199,15 +210,36 @@ class PieceSet:
         return logits + (TensorSpec(MTP_LOGITS, "float32", ("batch", self.vocab)),
                          TensorSpec(MTP_TOKENS, "int64", ("batch", mtp_slots)))
 
+    def _past_mask_spec(self) -> TensorSpec:
+        return TensorSpec(PAST + ATTENTION_MASK, "bool", ("batch", "past_pairs"))
+
+    def _head_past(self) -> list[TensorSpec]:
+        """The past states a head reads (every head state but position, which the embed and the
+        head take first, beside the embed outputs)."""
+        return [s.rename(PAST + s.name) for s in self._head_state_specs("past_pairs")
+                if s.name != POSITION]
+
+    def _past_example(self, specs: list[TensorSpec], b: int, p: int) -> list[torch.Tensor]:
+        """Example past states of `specs` for b rows and p cached slots."""
+        out = []
+        for s in specs:
+            if s.name == PAST + ATTENTION_MASK:
+                out.append(self._past_mask(b, p))
+            elif s.dtype == "bool":
+                out.append(torch.rand(b, self.vocab, generator=self.gen) < 0.01)
+            else:
+                out.append(self._state_example(s, b, p))
+        return out
+
     def _sampling_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(n, dt, ("batch",)) for n, dt in SAMPLING_INPUTS) + (
             TensorSpec(UNIFORMS, "float32", ("batch", 2)),)
 
     def prefill_pieces(self) -> tuple[Piece, Piece]:
         """(embed, head) of the prefill graph."""
-        step, dt, slots = self.step, self.dt, self.slots
+        step, dt, slots, b = self.step, self.dt, self.slots, EXAMPLE_BATCH
         extras = self._extra_specs(slots)
-        names = [s.name for s in self._head_state_specs(slots) + extras]
+        names = [s.name for s in self._head_state_specs(f"past_pairs + {slots}") + extras]
         embed_out = (TensorSpec("x", dt, ("batch", slots, self.h)),
                      TensorSpec("valid", "bool", ("batch", slots)),
                      TensorSpec("n_valid", "int64", ("batch",)),
@@ -215,24 +247,35 @@ class PieceSet:
                      TensorSpec("sin", dt, ("batch", slots, self.rot)))
         prompt = (TensorSpec(INPUT_IDS, "int64", ("batch", "prompt_tokens")),
                   TensorSpec(LENGTHS, "int64", ("batch",)))
+        position = TensorSpec(PAST + POSITION, "int64", ("batch",))
+        head_past = self._head_past()
+        positions = torch.tensor([EXAMPLE_PAST_PAIRS, EXAMPLE_PAST_PAIRS // 2])
 
-        def head(o, x, input_ids, lengths, valid, n_valid, cos, sin, *rest):
-            sp = dict(zip(SAMPLING, rest[:-1]))
-            pair, conf, st = o.prefill_head(x, input_ids, lengths, valid, n_valid, cos, sin, sp,
-                                            rest[-1])
+        def head(o, x, input_ids, lengths, valid, n_valid, position, cos, sin, *rest):
+            past = {s.name[len(PAST):]: t for s, t in zip(head_past, rest)}
+            rest = rest[len(head_past):]
+            sp = dict(zip(SAMPLING, rest[1:-1]))
+            pair, conf, st = o.prefill_head(x, input_ids, lengths, valid, n_valid, position, cos,
+                                            sin, past, rest[0], sp, rest[-1])
             return (pair, conf, *[st[n] for n in names])
 
         def head_example():
             ids, lengths, (x, valid, n_valid, cos, sin) = self._embedded()
-            return (x, ids, lengths, valid, n_valid, cos, sin, *self._sampling(ids.shape[0]))
+            return (x, ids, lengths, valid, n_valid, positions, cos, sin,
+                    *self._past_example(head_past, b, EXAMPLE_PAST_PAIRS),
+                    torch.tensor([-1, 7]), *self._sampling(ids.shape[0]))
 
-        embed = Piece("prefill.embed", step, lambda o, ids, lengths: o.prefill_embed(ids, lengths),
-                      prompt, embed_out, self._prompt, _params(step, EMBED_PARAMS))
+        embed = Piece("prefill.embed", step,
+                      lambda o, ids, lengths, position: o.prefill_embed(ids, lengths, position),
+                      prompt + (position,), embed_out, lambda: (*self._prompt(), positions),
+                      _params(step, EMBED_PARAMS))
         head_piece = Piece(
             "prefill.head", step, head,
-            (embed_out[0],) + prompt + embed_out[1:] + self._sampling_specs(),
+            (embed_out[0],) + prompt + embed_out[1:3] + (position,) + embed_out[3:]
+            + tuple(head_past) + (TensorSpec(NEXT_TOKEN, "int64", ("batch",)),)
+            + self._sampling_specs(),
             (TensorSpec(PAIR, "int64", ("batch", 2)), TensorSpec(CONFIDENCE, "float32", ("batch",)))
-            + self._head_state_specs(slots) + extras, head_example,
+            + self._head_state_specs(f"past_pairs + {slots}") + extras, head_example,
             _params(step, HEAD_PARAMS))
         return embed, head_piece
 
@@ -264,12 +307,7 @@ class PieceSet:
         def head_example():
             _, mask, position = embed_example()
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1)
-            past = []
-            for s in head_past:
-                if s.dtype == "bool":
-                    past.append(torch.rand(b, self.vocab, generator=self.gen) < 0.01)
-                else:
-                    past.append(self._state_example(s, b, p))
+            past = self._past_example(head_past, b, p)
             return (self._rand(b, 1, self.h), mask, position, self._rand(b, 1, self.rot),
                     self._rand(b, 1, self.rot), *past, *self._sampling(b))
 

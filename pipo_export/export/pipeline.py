@@ -46,6 +46,7 @@ from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import checkpoint_files, checkpoint_stack, open_checkpoint, \
     skeleton, torch_dtype
 from pipo_export.model.regular import step_class
+from pipo_export.model.steps import LAYER_KINDS
 from pipo_export.onnx.graph import split_wide_gemms, symbolic_dims
 from pipo_export.versions import package_versions
 
@@ -182,7 +183,8 @@ def assemble(traced: Traced, graph: str, spec, layer_types: list[str],
     for i, kind in enumerate(layer_types):
         piece = traced.layer(graph, kind)
         states = {s.name: PRESENT + state_name(s.name, i) for s in piece.outputs[1:]}
-        bind = {s.name: f"{s.name}.{i}" for s in piece.inputs if s.name.startswith(PAST)}
+        bind = {s.name: f"{s.name}.{i}" for s in piece.inputs
+                if s.name.startswith(PAST) and s.name[len(PAST):] in LAYER_KINDS}
         asm.add(piece, protos[piece.name], f"layers.{i}", i, bind, states)
         if extra_outputs:
             extra.append(TensorSpec(f"{CHECK}layers.{i}/x", piece.outputs[0].dtype,

@@ -1,7 +1,8 @@
 """Validation that scales: every piece instance of an export checked locally against torch.
 
 The export runs free in ONNX Runtime (a prefill and two decode steps on a mixed batch: one odd,
-one short, one prompt spanning three delta-rule chunks), from graphs that also output every
+one short, one prompt spanning three delta-rule chunks; then a prefill that continues those
+states, one row as a chunk that is not its prompt's last), from graphs that also output every
 piece boundary. Then each piece instance (embed, every layer, head) is recomputed in torch from
 *the export's own inputs to that piece* (teacher forced), so an error never compounds and only
 one layer's weights are in memory at a time:
@@ -25,15 +26,15 @@ import torch
 
 from pipo_graphs import SamplingParams, step_uniforms
 from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, Mode,
-    PAIR, PAST, PREFILL, PRESENT, UNIFORMS, present_to_past, state_name)
+    NEXT_TOKEN, PAIR, PAST, PREFILL, PRESENT, UNIFORMS, present_to_past, state_name)
 from pipo_graphs.tolerance import scaled_error
-from pipo_runtime.requests import sampling_rows
+from pipo_runtime.requests import empty_past, sampling_rows
 
 from pipo_export.errors import ExportError
 from pipo_export.export.reference import References
 from pipo_export.export.sessions import shared_sessions
 from pipo_export.model.checkpoint import torch_dtype
-from pipo_export.model.steps import HEAD_EXTRAS, LOGITS
+from pipo_export.model.steps import HEAD_EXTRAS, LAYER_KINDS, LOGITS
 
 CHECK = "check/"  # the piece-boundary outputs of validation graphs (pipeline.assemble)
 NOISE_FACTOR = 10.0
@@ -43,7 +44,9 @@ NOISE_FACTOR = 10.0
 # activations (accuracy_level 4) cost is measured separately (pipo_export.export.accuracy).
 FLOOR = {"float32": 2e-5, "float16": 5e-3}
 VALIDATION_LENGTHS = (11, 2, 261)
+CONTINUE_LENGTHS = (5, 1, 140)  # new tokens of the continued prefill (140: two delta-rule chunks)
 DECODE_STEPS = 2
+STEPS = DECODE_STEPS + 2  # prefill, decode steps, continued prefill
 
 
 @dataclass
@@ -93,18 +96,32 @@ def validation_feeds(vocab: int, pad: int, lengths=VALIDATION_LENGTHS, seed: int
     return feeds, sampling, lambda step: step_uniforms(5, seqs, step)
 
 
+def continuation_feeds(vocab: int, pad: int, values: dict, sampling: dict, uniforms,
+                       lengths=CONTINUE_LENGTHS, seed: int = 1) -> dict:
+    """A prefill that continues the states of `values` (a step's outputs) with new tokens of
+    `lengths`; the middle row is a chunk that is not its prompt's last (next_token >= 0)."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((len(lengths), max(lengths) + max(lengths) % 2), pad, np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = rng.integers(0, vocab - 1, n)
+    nxt = np.where(np.arange(len(lengths)) == len(lengths) // 2, rng.integers(0, vocab - 1), -1)
+    return {INPUT_IDS: ids, LENGTHS: np.array(lengths, np.int64), **present_to_past(values),
+            NEXT_TOKEN: nxt.astype(np.int64), **sampling, UNIFORMS: uniforms(0)}
+
+
 def run_export(paths: dict, feeds: dict, sampling: dict, uniforms, steps: int,
-               prepack: bool = False, float16: bool = False) -> list[dict]:
-    """Free-running ORT: per step, its feeds and every output (numpy)."""
+               prepack: bool = False, float16: bool = False, then=None) -> list[dict]:
+    """Free-running ORT: per step, its feeds and every output (numpy). then: values -> the
+    feeds of one more prefill, continuing the last step's states (None: no continuation)."""
     sessions = shared_sessions(paths, prepack, float16)
     out, step_feeds = [], feeds
-    for s in range(steps + 1):
-        sess = sessions[PREFILL if s == 0 else DECODE]
+    for s in range(steps + 1 + (then is not None)):
+        sess = sessions[DECODE if 0 < s <= steps else PREFILL]
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(names, step_feeds)))
         out.append({**step_feeds, **values})
         step_feeds = {INPUT_PAIR: values[PAIR], **present_to_past(values), **sampling,
-                      UNIFORMS: uniforms(s + 1)}
+                      UNIFORMS: uniforms(s + 1)} if s < steps else then and then(values)
     del sessions
     return out
 
@@ -114,7 +131,7 @@ def _value(vals: dict, name: str, layer: int | None, n_layers: int) -> np.ndarra
     if name == "x":
         prev = (layer if layer is not None else n_layers) - 1
         return vals[f"{CHECK}layers.{prev}/x" if prev >= 0 else f"{CHECK}embed/x"]
-    if name.startswith(PAST) and layer is not None:
+    if name.startswith(PAST) and name[len(PAST):] in LAYER_KINDS and layer is not None:
         return vals[PAST + state_name(name[len(PAST):], layer)]
     return vals[name] if name in vals else vals[f"{CHECK}embed/{name}"]
 
@@ -239,8 +256,12 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
             feeds, sampling, uniforms = validation_feeds(cfg.vocab_size, cfg.pad_token_id,
                                                          open_top_k=opts.dtype.value == "float32",
                                                          rows=rows)
-            batches[label] = run_export(paths, feeds, sampling, uniforms, DECODE_STEPS,
-                                        float16=opts.dtype.value == "float16")
+            feeds.update(empty_past(specs[0].inputs, len(VALIDATION_LENGTHS)))
+            batches[label] = run_export(
+                paths, feeds, sampling, uniforms, DECODE_STEPS,
+                float16=opts.dtype.value == "float16",
+                then=lambda values, s=sampling, u=uniforms: continuation_feeds(
+                    cfg.vocab_size, cfg.pad_token_id, values, s, u))
         steps = batches.pop("mixed")
     finally:
         for p in paths.values():
@@ -250,7 +271,7 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
     checker = Checker(cfg, reader, opts.mode, dtype, opts.sample_cap, cfg.pad_token_id, floor)
     n = len(layer_types)
     ref_pieces, low_pieces = checker.fns["ref"], checker.fns["low"]
-    graph_steps = {PREFILL: [0], DECODE: list(range(1, DECODE_STEPS + 1))}
+    graph_steps = {PREFILL: [0, DECODE_STEPS + 1], DECODE: list(range(1, DECODE_STEPS + 1))}
     heads = {"ref": checker.ref.step(), "low": checker.low.step()}
     for g, (rp, lp) in ((PREFILL, (ref_pieces.prefill_pieces(), low_pieces.prefill_pieces())),
                         (DECODE, (ref_pieces.decode_pieces(), low_pieces.decode_pieces()))):
@@ -283,12 +304,13 @@ def validate_export(traced, cfg, reader, layer_types, weights, folder, opts, ass
         raise ExportError(f"validation failed: {'; '.join(checker.failures[:3])}"
                           + (f"; {more - 2} more outputs outside" if more > 2 else "")
                           + "; the export was not written")
-    if len(near_ties) == DECODE_STEPS + 1:
+    if len(near_ties) == STEPS:
         raise ExportError("validation could not compare the head at any step: every step's "
                           "tokens sat at a near-tie of the float64 reference")
     worst = max(checker.findings, key=lambda f: f.err / f.limit)
-    return {"method": "teacher-forced per piece vs torch float64", "steps": DECODE_STEPS + 1,
-            "lengths": list(VALIDATION_LENGTHS), "noise_factor": NOISE_FACTOR, "floor": floor,
+    return {"method": "teacher-forced per piece vs torch float64", "steps": STEPS,
+            "lengths": list(VALIDATION_LENGTHS), "continued": list(CONTINUE_LENGTHS),
+            "noise_factor": NOISE_FACTOR, "floor": floor,
             "compared": len(checker.findings), "near_tie_steps": near_ties,
             "branch_batches": list(BRANCH_BATCHES),
             "max_error": max(f.err for f in checker.findings),

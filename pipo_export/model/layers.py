@@ -17,9 +17,10 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (apply_rotary_pos_emb, 
                                                           torch_recurrent_gated_delta_rule)
 
 
-def _reference_chunk(q, k, v, g, beta):
-    """[B, L, H*, D] q/k/v, g/beta [B, L, Hv] -> out [B, L, Hv, Dv], state [B, Hv, Dk, Dv]."""
-    return torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+def _reference_chunk(q, k, v, g, beta, state):
+    """[B, L, H*, D] q/k/v, g/beta [B, L, Hv], state [B, Hv, Dk, Dv] (the past one, float32)
+    -> out [B, L, Hv, Dv], new state [B, Hv, Dk, Dv]."""
+    return torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state,
                                         output_final_state=True, use_qk_l2norm_in_kernel=True)
 
 
@@ -29,13 +30,15 @@ def _reference_recurrent(q, k, v, g, beta, state):
                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
 
 
-def conv_prefill(mixed: torch.Tensor, weight: torch.Tensor, n_valid: torch.Tensor):
-    """Depthwise causal conv + SiLU over a right-padded prompt from an empty window.
+def conv_prefill(mixed: torch.Tensor, weight: torch.Tensor, n_valid: torch.Tensor,
+                 window: torch.Tensor):
+    """Depthwise causal conv + SiLU over a right-padded prompt that continues `window`.
 
-    mixed [B, C, L]; weight [C, 1, K]; n_valid [B] -> out [B, C, L], window [B, C, K-1] (the
-    last K-1 inputs before each row's n_valid, zeros before the start)."""
+    mixed [B, C, L]; weight [C, 1, K]; n_valid [B]; window [B, C, K-1] (the past window, zeros
+    for a fresh sequence) -> out [B, C, L], window [B, C, K-1] (the last K-1 inputs of
+    cat(window, mixed) before each row's n_valid)."""
     kk = weight.shape[-1]
-    padded = F.pad(mixed, (kk - 1, 0))  # [B, C, K-1+L]
+    padded = torch.cat([window.to(mixed.dtype), mixed], -1)  # [B, C, K-1+L]
     out = F.silu(F.conv1d(padded, weight, groups=mixed.shape[1]))  # [B, C, L]
     cols = n_valid[:, None] + torch.arange(kk - 1, device=mixed.device)[None]  # [B, K-1]
     window = torch.gather(padded, 2, cols[:, None, :].expand(-1, mixed.shape[1], -1))
@@ -57,6 +60,7 @@ class Kernels:
     pipo_export.model.sampling.sample)."""
 
     attention: Callable = None  # set below: gated GQA attention over cache + new tokens
+    prefill_attention: Callable = None  # the same over the cache + a prompt (default: attention)
     conv_prefill: Callable = conv_prefill
     conv_step: Callable = conv_step
     chunk_rule: Callable = _reference_chunk
@@ -66,6 +70,8 @@ class Kernels:
     def __post_init__(self):
         if self.attention is None:
             self.attention = attention
+        if self.prefill_attention is None:
+            self.prefill_attention = attention
 
 
 def rope(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -143,19 +149,21 @@ def _gdn_output(gdn, conv_out: torch.Tensor, z, rule, *rule_args):
     return gdn.out_proj(core.reshape(b, n, -1)), state
 
 
-def gdn_prefill(gdn, x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor, kernels: Kernels):
-    """Gated DeltaNet over a right-padded prompt, from empty states.
+def gdn_prefill(gdn, x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                window: torch.Tensor, state: torch.Tensor, kernels: Kernels):
+    """Gated DeltaNet over a right-padded prompt that continues the past states.
 
-    x [B, L, H]; valid [B, L] bool; n_valid [B] real positions per row.
+    x [B, L, H]; valid [B, L] bool; n_valid [B] real positions per row; window [B, C, K-1] and
+    state [B, Hv, Dk, Dv] float32: the past ones (zeros for a fresh sequence).
     Positions past n_valid get beta = 0 and g = 0, so they leave the recurrent state unchanged.
     -> out [B, L, H], conv window [B, C, K-1] (inputs before n_valid), state [B, Hv, Dk, Dv].
     """
     mixed, z, beta, g = _gdn_project(gdn, x)
-    conv, window = kernels.conv_prefill(mixed, gdn.conv1d.weight, n_valid)
+    conv, window = kernels.conv_prefill(mixed, gdn.conv1d.weight, n_valid, window)
     keep = valid[..., None]
     beta = torch.where(keep, beta, torch.zeros_like(beta))
     g = torch.where(keep, g, torch.zeros_like(g))
-    out, state = _gdn_output(gdn, conv, z, kernels.chunk_rule, g, beta)
+    out, state = _gdn_output(gdn, conv, z, kernels.chunk_rule, g, beta, state)
     return out, window, state
 
 

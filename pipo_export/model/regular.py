@@ -31,27 +31,28 @@ class RegularStep(PipoStep):
                           device=token.device)
         return torch.stack([token, pad], dim=1), conf
 
-    def prefill_embed(self, input_ids, lengths):
-        """input_ids [B, T], lengths [B] -> embeds [B, T, H], valid [B, T], n_valid = lengths,
-        cos/sin [B, T, rot] (one slot per token)."""
+    def prefill_embed(self, input_ids, lengths, position):
+        """input_ids [B, T], lengths [B], past position [B] -> embeds [B, T, H], valid [B, T],
+        n_valid = lengths, cos/sin [B, T, rot] (one slot per token, positions continue from
+        `position`)."""
         b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        offsets = torch.arange(t, device=input_ids.device)[None].expand(b, t)
         x = self.model.model.embed_tokens(input_ids)
-        cos, sin = rope(self.model.model.rotary_emb.inv_freq, positions, x.dtype)
-        return x, positions < lengths[:, None], lengths.clone(), cos, sin
+        cos, sin = rope(self.model.model.rotary_emb.inv_freq, position[:, None] + offsets,
+                        x.dtype)
+        return x, offsets < lengths[:, None], lengths.clone(), cos, sin
 
-    def prefill_head(self, hidden, input_ids, lengths, valid, n_valid, cos, sin, sp, uniforms):
+    def prefill_head(self, hidden, input_ids, lengths, valid, n_valid, position, cos, sin,
+                     past: States, next_token, sp, uniforms):
         """-> pair [B, 2] (token, PAD), confidence [B] (-1), head states."""
-        b = input_ids.shape[0]
         hidden = self.model.model.norm(hidden)
-        prompt_tokens = torch.where(valid, input_ids, torch.full_like(input_ids, self.pad_id))
-        prompt_mask = add_tokens(torch.zeros(b, self.model.config.vocab_size, dtype=torch.bool,
-                                             device=input_ids.device), prompt_tokens, self.pad_id)
-        output_mask = torch.zeros_like(prompt_mask)
+        prompt_mask, output_mask = self.continued_masks(input_ids, lengths, past)
         logits = self.model.lm_head(take(hidden, lengths - 1))
         token = self.pick(logits, sp, prompt_mask, output_mask, uniforms[:, 0])
-        states = {ATTENTION_MASK: valid, POSITION: n_valid, PROMPT_MASK: prompt_mask,
-                  OUTPUT_MASK: add_tokens(output_mask, token[:, None], self.pad_id),
+        output_mask = add_tokens(output_mask, token[:, None], self.pad_id)
+        states = {ATTENTION_MASK: torch.cat([past[ATTENTION_MASK], valid], 1),
+                  POSITION: position + n_valid, PROMPT_MASK: prompt_mask,
+                  OUTPUT_MASK: self.emitted_mask(output_mask, next_token),
                   LOGITS: logits.float()}
         return (*self._emit(token), states)
 

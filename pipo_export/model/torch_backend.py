@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipo_graphs.contract import (CONFIDENCE, INPUT_IDS, LENGTHS, Mode, PAIR, PRESENT,
-    SAMPLING_INPUTS, UNIFORMS)
+from pipo_graphs.contract import (CONFIDENCE, INPUT_IDS, LENGTHS, Mode, NEXT_TOKEN, PAIR, PAST,
+    PRESENT, SAMPLING_INPUTS, UNIFORMS, state_specs)
 from pipo_graphs.errors import PipoUserError
+from pipo_graphs.shapes import pair_axes
 from pipo_runtime.backends.base import RunnerOptions, StepRunner
 from pipo_runtime.requests import ModelFacts
 
+from pipo_export.export.io_spec import model_dims
 from pipo_export.model.checkpoint import checkpoint_files, load_checkpoint
 from pipo_export.model.regular import step_class
 from pipo_export.model.steps import PipoStep
@@ -40,31 +42,43 @@ class TorchStepRunner(StepRunner):
     def __init__(self, step: PipoStep, facts: ModelFacts | None = None):
         self.step = step
         self.own_facts = facts or model_facts(step.model.config)
+        self.pair_axes = pair_axes({PRESENT + s.name: s.shape
+                                    for s in state_specs(model_dims(step.model), mtp=step.mtp)})
 
     @staticmethod
     def _t(a) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
 
     def _keep(self, pair, conf, states):
-        self.pair, self.conf, self.states = pair, conf, states
+        self.pair, self.conf, self.states_ = pair, conf, states
         return pair.numpy(), conf.numpy()
 
     def prefill(self, feeds):
         self.sp = {n: self._t(feeds[n]) for n, _ in SAMPLING_INPUTS}
+        past = {k[len(PAST):]: self._t(v) for k, v in feeds.items() if k.startswith(PAST)}
+        if past:  # numpy float states are float32; the step computes in the model's dtype
+            dtype = next(self.step.parameters()).dtype
+            past = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("recurrent")
+                    else v for k, v in past.items()}
+        nxt = self._t(feeds[NEXT_TOKEN]) if NEXT_TOKEN in feeds else None
         with torch.no_grad():
             return self._keep(*self.step.prefill(self._t(feeds[INPUT_IDS]),
                                                  self._t(feeds[LENGTHS]), self.sp,
-                                                 self._t(feeds[UNIFORMS])))
+                                                 self._t(feeds[UNIFORMS]), past or None, nxt))
+
+    def past(self):
+        """The last step's states as torch tensors (no copy)."""
+        return {PAST + k: v for k, v in self.states_.items()}
 
     def decode(self, uniforms):
         with torch.no_grad():
-            return self._keep(*self.step.decode(self.pair, self.states, self.sp,
+            return self._keep(*self.step.decode(self.pair, self.states_, self.sp,
                                                 self._t(uniforms)))
 
     def outputs(self):
         out = {PAIR: self.pair.numpy(), CONFIDENCE: self.conf.numpy()}
         out.update({PRESENT + k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                    for k, v in self.states.items()})
+                    for k, v in self.states_.items()})
         return out
 
     def facts(self, facts: ModelFacts | None) -> ModelFacts:

@@ -84,9 +84,10 @@ def _build_engine(trt, onnx_path: Path, graph: str, manifest: Manifest, profiles
     from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath,
                                         Profile)
     trt_profiles = []
+    max_past = max(p.past_slots.max for p in profiles)  # a prefill may continue any past
     for p in profiles:
         prof = Profile()
-        for name, (lo, opt, hi) in input_shapes(manifest, graph, p).items():
+        for name, (lo, opt, hi) in input_shapes(manifest, graph, p, max_past).items():
             prof.add(name, min=lo, opt=opt, max=hi)
         trt_profiles.append(prof)
     weak = not strongly_typed

@@ -135,18 +135,22 @@ def derive_profiles(limits: ContextLimits, bounds: tuple[int, ...] = ()) -> list
     return out
 
 
-def input_shapes(manifest: Manifest, graph: str, profile: EngineProfile
+def input_shapes(manifest: Manifest, graph: str, profile: EngineProfile,
+                 max_past: int | None = None
                  ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Every input of `graph` -> (min, opt, max) concrete shapes for one profile, from the
-    manifest's symbolic shapes (batch; 2*prompt_pairs for the prefill, past_pairs for the
-    decode; fixed dims such as [batch, 128, 3] keep their ints)."""
+    manifest's symbolic shapes (batch; 2*prompt_pairs and past_pairs 0..max_past for the
+    prefill, default the profile's largest past; past_pairs for the decode; fixed dims such as
+    [batch, 128, 3] keep their ints)."""
     out = {}
     for spec in manifest.graphs[graph].inputs:
         shapes = []
         for which in ("min", "opt", "max"):
             dims = {"batch": getattr(profile.batch, which)}
-            if graph == PREFILL:
+            if graph == PREFILL:  # contract 1.1: a prefill continues 0..max past slots
                 dims["prompt_pairs"] = getattr(profile.prompt_tokens, which) // 2
+                top = profile.past_slots.max if max_past is None else max_past
+                dims["past_pairs"] = top if which == "max" else 0
             elif graph == DECODE:
                 dims["past_pairs"] = getattr(profile.past_slots, which)
             shapes.append(resolve_shape(spec.shape, dims))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipo_graphs import SamplingParams
+from pipo_graphs import CONTRACT_VERSION, SamplingParams
 from pipo_graphs.seal import write_sealed
 from pipo_graphs.rng import uniform
 from pipo_runtime.session import GenerationConfig, PipoSession
@@ -186,7 +186,7 @@ ERRORS = {
     "no folder": "no such folder",
     "no manifest": "no manifest.json; not a pipo-export export folder",
     "bad json": "not valid JSON",
-    "contract": "graph contract 2.0, this runtime reads 1.0",
+    "contract": f"graph contract 2.0, this runtime reads {CONTRACT_VERSION}",
     "pad outside": "manifest.model.pad_token_id [512] outside the vocabulary [0, 512)",
     "vocab 0": "manifest.model.vocab_size is 0, expected >= 1",
     "checksum": "weights.data does not match its sha256",

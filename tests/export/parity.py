@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipo_graphs.contract import PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS, present_to_past
+from pipo_graphs.contract import NEXT_TOKEN, PAST, PRESENT, SAMPLING_INPUTS, UNIFORMS, \
+    present_to_past
+from pipo_runtime.requests import empty_past, ort_inputs
 
 from pipo_export.export.ties import SampleRecorder, near_tie_tokens
 from pipo_export.model.steps import PipoStep
@@ -73,8 +75,10 @@ def _dtype(step: PipoStep) -> torch.dtype:
 def run_torch_prefill(step: PipoStep, feeds: dict) -> dict:
     t = torch_feeds(feeds, _dtype(step))
     sp = {n: t[n] for n, _ in SAMPLING_INPUTS}
+    past = {k[len(PAST):]: v for k, v in t.items() if k.startswith(PAST)}
     with torch.no_grad():
-        pair, conf, states = step.prefill(t["input_ids"], t["lengths"], sp, t[UNIFORMS])
+        pair, conf, states = step.prefill(t["input_ids"], t["lengths"], sp, t[UNIFORMS],
+                                          past or None, t.get(NEXT_TOKEN))
     return _pack(pair, conf, states)
 
 
@@ -112,16 +116,23 @@ def validate_steps(step: PipoStep, prefill, decode, prefill_feeds: dict,
     `near_tie_tokens`) is reported as one `near_tie` entry instead: its token-dependent outputs
     cannot be compared, and the next step starts from the reference's states again."""
     report = []
+    prefill_feeds = {**empty_past(prefill.inputs, len(prefill_feeds["lengths"])),
+                     **prefill_feeds}
     with SampleRecorder() as calls:
         ref = run_torch_prefill(step, prefill_feeds)
     report.append((0, _step_errors(prefill.infer(prefill_feeds), ref, calls, step, atol, rtol)))
     for i in range(1, decode_steps + 1):
         feeds = {"input_pair": ref["pair"], **sampling_feeds, UNIFORMS: uniforms(i),
-                 **present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})}
+                 **graph_past(ref, state_dtype)}
         with SampleRecorder() as calls:
             ref = run_torch_decode(step, feeds)
         report.append((i, _step_errors(decode.infer(feeds), ref, calls, step, atol, rtol)))
     return report
+
+
+def graph_past(ref: dict, state_dtype=np.float32) -> dict:
+    """A reference step's outputs -> the next step's past.<state> feeds in the graph dtypes."""
+    return present_to_past({k: _graph_state(k, v, state_dtype) for k, v in ref.items()})
 
 
 def _step_errors(got: dict, ref: dict, calls: list, step, atol: float, rtol: float) -> list:
@@ -143,6 +154,7 @@ class OrtGraph:
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
+        self.inputs = ort_inputs(self.session)
 
     def infer(self, feeds: dict) -> dict:
         return dict(zip(self.names, self.session.run(self.names, feeds)))

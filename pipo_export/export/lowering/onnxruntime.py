@@ -6,7 +6,8 @@
   would include right padding).
 - Decode attention: GroupQueryAttention with the past cache, a per-row additive bias for the
   cache slots that hold no position, and no repeat of keys or values. The prompt's attention
-  keeps the standard ops (its cache must hold every slot, padding included).
+  (over the past cache and the prompt) keeps the standard ops (its cache must hold every slot,
+  padding included).
 - Norms: every RMSNorm and q/k l2norm one SimplifiedLayerNormalization (lowering.fusions).
 - Sampling: an `If` takes the argmax alone when every row is plain greedy.
 Each kernel is a torch custom op (eager: the reference math; traced: one node) mapped to its
@@ -129,13 +130,13 @@ def _causal_conv_onnx(x, weight, state):
     return CAUSAL_CONV(x, weight, None, state, activation="silu", _outputs=2)
 
 
-def conv_prefill(mixed: Tensor, weight: Tensor, n_valid: Tensor):
-    """Kernels.conv_prefill: the op's output; the window gathered at each row's length."""
+def conv_prefill(mixed: Tensor, weight: Tensor, n_valid: Tensor, window: Tensor):
+    """Kernels.conv_prefill: the op's output from the past window; the new window gathered at
+    each row's length."""
     kk = weight.shape[-1]
-    b, c, _ = mixed.shape
-    out, _ = causal_conv(mixed.float(), weight.float(), mixed.new_zeros(b, c, kk - 1,
-                                                                        dtype=torch.float32))
-    padded = F.pad(mixed, (kk - 1, 0))
+    c = mixed.shape[1]
+    out, _ = causal_conv(mixed.float(), weight.float(), window.float())
+    padded = torch.cat([window.to(mixed.dtype), mixed], -1)
     cols = n_valid[:, None] + torch.arange(kk - 1, device=mixed.device)[None]
     window = torch.gather(padded, 2, cols[:, None, :].expand(-1, c, -1))
     return out.to(mixed.dtype), window
@@ -179,9 +180,8 @@ def _gqa_step_onnx(q, k, v, past_k, past_v, seqlens, total, bias, heads: int, kv
 
 
 def ort_attention(attn, x, cos, sin, past_k, past_v, mask):
-    """Kernels.attention: GroupQueryAttention for a decode step, the standard ops for a prompt."""
-    if past_k is None or x.shape[1] != 1:
-        return attention(attn, x, cos, sin, past_k, past_v, mask)
+    """Kernels.attention of a decode step: GroupQueryAttention (a prompt keeps the standard ops,
+    Kernels.prefill_attention)."""
     b = x.shape[0]
     q, gate, k, v = attention_inputs(attn, x, cos, sin)
     p = past_k.shape[2]

@@ -82,12 +82,12 @@ def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     return inv.reshape(*lead, c, c)
 
 
-def chunk_rule_scan(q, k, v, g, beta):
-    """Chunked gated delta rule from a zero state.
+def chunk_rule_scan(q, k, v, g, beta, state=None):
+    """Chunked gated delta rule from `state` (the past one; None: zeros).
 
-    q/k [B, L, Hk, Dk], v [B, L, Hv, Dv], g/beta [B, L, Hv] -> out [B, L, Hv, Dv] (input
-    dtype), final state [B, Hv, Dk, Dv] float32. L is dynamic; padding to a multiple of 64
-    uses g = beta = 0, which leaves the state unchanged.
+    q/k [B, L, Hk, Dk], v [B, L, Hv, Dv], g/beta [B, L, Hv], state [B, Hv, Dk, Dv] float32
+    -> out [B, L, Hv, Dv] (input dtype), final state [B, Hv, Dk, Dv] float32. L is dynamic;
+    padding to a multiple of 64 uses g = beta = 0, which leaves the state unchanged.
     """
     dtype = q.dtype
     q, k, v, g, beta = _heads(q, k, v, g, beta)
@@ -122,7 +122,7 @@ def chunk_rule_scan(q, k, v, g, beta):
         return state * cd + kd.transpose(-1, -2) @ v_new, out
 
     xs = tuple(x.movedim(2, 0) for x in (new_values, k_cumdecay, q_dec, k_dec, intra, chunk_decay))
-    state0 = q.new_zeros(b, h, dk, dv)
+    state0 = q.new_zeros(b, h, dk, dv) if state is None else state.float()
     state, outs = scan(step, state0, xs)  # outs [N, B, H, C, Dv]
     out = outs.movedim(0, 2).reshape(b, h, chunks * CHUNK, dv)[:, :, :n]
     return out.transpose(1, 2).to(dtype), state

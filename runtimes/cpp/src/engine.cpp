@@ -9,7 +9,7 @@ namespace {
 
 const char* const kSamplingNames[] = {"temperature", "top_k", "top_p", "min_p",
                                       "presence_penalty", "repetition_penalty", "threshold"};
-const std::string kPast = "past.", kPresent = "present.";
+const std::string kPast = "past.", kPresent = "present.", kNextToken = "next_token";
 
 std::vector<std::string> output_names(Ort::Session& s) {
   Ort::AllocatorWithDefaultOptions alloc;
@@ -87,6 +87,14 @@ Engine::Engine(const std::string& folder, const Manifest& manifest,
   check_io(*decode_, manifest.decode, decode_file_);
   prefill_outputs_ = output_names(*prefill_);
   decode_outputs_ = output_names(*decode_);
+  auto prefill_inputs = input_names(*prefill_);
+  for (size_t i = 0; i < prefill_inputs.size(); ++i) {
+    const std::string& name = prefill_inputs[i];
+    if (name.rfind(kPast, 0) != 0 && name != kNextToken) continue;
+    Ort::TypeInfo type = prefill_->GetInputTypeInfo(i);  // owns the shape info below
+    auto info = type.GetTensorTypeAndShapeInfo();
+    prefill_extra_.push_back({name, info.GetElementType(), info.GetShape()});
+  }
   auto decode_inputs = input_names(*decode_);
   for (const std::string& state : manifest.states) {  // every state goes out and back in
     for (auto* outs : {&prefill_outputs_, &decode_outputs_}) {
@@ -113,6 +121,29 @@ Engine::~Engine() {
   prefill_.reset();
   decode_.reset();
   weights_.reset();
+}
+
+void Engine::bind_empty_past(Ort::IoBinding& io) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  empty_past_.clear();
+  for (const ExtraInput& in : prefill_extra_) {
+    std::vector<int64_t> shape = in.shape;
+    for (size_t d = 0; d < shape.size(); ++d) {
+      if (shape[d] < 0) shape[d] = d == 0 ? batch_ : 0;  // batch, then past_pairs = 0
+    }
+    Ort::Value v = Ort::Value::CreateTensor(alloc, shape.data(), shape.size(), in.type);
+    size_t count = v.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (in.name == kNextToken) {
+      std::fill_n(v.GetTensorMutableData<int64_t>(), count, int64_t(-1));
+    } else if (count) {
+      size_t bytes = in.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL ? 1
+                     : in.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 2
+                     : in.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : 4;
+      std::fill_n(static_cast<char*>(v.GetTensorMutableRawData()), count * bytes, char(0));
+    }
+    io.BindInput(in.name.c_str(), v);
+    empty_past_.push_back(std::move(v));
+  }
 }
 
 void Engine::bind_fixed(Ort::IoBinding& io) {
@@ -170,7 +201,9 @@ void Engine::prefill(const std::vector<int64_t>& input_ids, int64_t batch, int64
   io.BindInput("input_ids", ids);
   io.BindInput("lengths", lens);
   bind_fixed(io);
+  bind_empty_past(io);
   run(*prefill_, io, prefill_outputs_, prefill_file_);
+  empty_past_.clear();
 }
 
 void Engine::decode(const std::vector<float>& uniforms) {

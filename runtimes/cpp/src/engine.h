@@ -50,6 +50,7 @@ class Engine {
   void run(Ort::Session& session, Ort::IoBinding& io, const std::vector<std::string>& outputs,
            const std::string& file);
   void bind_fixed(Ort::IoBinding& io);
+  void bind_empty_past(Ort::IoBinding& io);
 
   Ort::Env env_;
   Ort::MemoryInfo cpu_;
@@ -57,6 +58,15 @@ class Engine {
   std::unique_ptr<Ort::Session> prefill_, decode_;
   std::string prefill_file_, decode_file_;
   std::vector<std::string> prefill_outputs_, decode_outputs_;
+  // contract 1.1: the prefill's past.<state> and next_token inputs (none under 1.0), which a
+  // fresh prefill feeds empty: 0 cached slots, zeros, next_token -1
+  struct ExtraInput {
+    std::string name;
+    ONNXTensorElementDataType type;
+    std::vector<int64_t> shape;  // -1: symbolic (batch first, past_pairs)
+  };
+  std::vector<ExtraInput> prefill_extra_;
+  std::vector<Ort::Value> empty_past_;  // bound during the prefill run
 
   // one generation's host buffers (bound by pointer) and the last step's outputs
   int64_t batch_ = 0;

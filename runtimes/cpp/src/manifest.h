@@ -11,7 +11,7 @@
 
 namespace pipo {
 
-constexpr const char* kContractVersion = "1.0";  // pipo_graphs.contract.CONTRACT_VERSION
+constexpr const char* kContractVersion = "1.1";  // pipo_graphs.contract.CONTRACT_VERSION
 constexpr const char* kPrefill = "prefill_compress";
 constexpr const char* kDecode = "decode_unfold";
 

@@ -15,6 +15,12 @@ own seed, seq and step count (SequenceTracker), so it gives exactly what
 `session.generate(prompt, replace(config, seq_offset=seq))` gives alone (confidences within
 float rounding: the batch size changes the GEMMs' summation order).
 
+Contract 1.1 (pipo_runtime.engine_prefill): a prompt longer than `max_prefill_tokens` is
+prefilled in chunks, one per tick between decode steps, then joins the batch; with
+`cache_bytes` > 0 finished requests leave their states in a PrefixCache keyed by their token
+history, and a prompt that extends a cached history prefills only its new tokens. Either way a
+request gives the tokens of its whole prompt prefilled at once.
+
 Batch-wide branches: the decode graph takes its argmax-only sampler and skips the MTP head only
 when every row qualifies; a row with tau >= 1 reports SKIPPED_CONFIDENCE as it would alone.
 """
@@ -26,14 +32,15 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from pipo_graphs.errors import PipoUserError
 
 from pipo_runtime.backends import rows as host_rows
+from pipo_runtime.engine_prefill import EnginePrefill
 from pipo_runtime.requests import check_request, token_ids
 from pipo_runtime.sequence import SequenceResult, SequenceTracker
-from pipo_runtime.session import GenerationConfig, PipoSession, decode_rows, prefill_rows
+from pipo_runtime.session import GenerationConfig, PipoSession, decode_rows
 
 CANCELLED, ERROR = "cancelled", "error"
 
@@ -139,6 +146,9 @@ class _Request:
     handle: RequestHandle
     seq: SequenceTracker
     arrival: float = field(default_factory=time.monotonic)
+    feed: list[int] | None = None  # tokens still to prefill (EnginePrefill.start sets them)
+    past: Any = None  # the SequenceState they continue
+    consumed: list[int] = field(default_factory=list)  # tokens its states hold
 
 
 class Engine:
@@ -157,6 +167,9 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # in batch-row order
+        self._chunking: _Request | None = None  # a long prompt between its chunks
+        self._prefill = EnginePrefill(session, self.config.max_prefill_tokens,
+                                      self.config.cache_bytes)
         self._batch = session.runner.begin()  # the running batch's states (empty)
         self._serial = session._serial or nullcontext()  # non-concurrent backends
         self._stats = EngineStats()
@@ -218,13 +231,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._stopping):
+                while not (self._waiting or self._running or self._chunking or self._stopping):
                     self._cond.wait()
                 if self._stopping:
-                    if not (self._waiting or self._running):
+                    if not (self._waiting or self._running or self._chunking):
                         break
                     if self._deadline is not None and time.monotonic() >= self._deadline:
-                        for request in [*self._waiting, *self._running]:
+                        for request in [*self._waiting, *self._running,
+                                        *[self._chunking] * (self._chunking is not None)]:
                             request.handle._cancel.set()
             try:
                 with self._serial:
@@ -235,11 +249,32 @@ class Engine:
 
     def _tick(self) -> None:
         self._drop()
-        admitted = self._admit()
+        admitted = [] if self._chunk() else self._admit()
         if admitted:
             self._join(admitted)
         if self._running:
             self._decode()
+
+    def _chunk(self) -> bool:
+        """Tick part 2 while a long prompt is being prefilled: its next chunk (the tick's
+        prefill budget) -> whether one ran."""
+        request = self._chunking
+        if request is None:
+            return False
+        if request.handle.cancelled:
+            self._chunking = None
+            self._finish(request, CANCELLED)
+            return False
+        if not self._prefill.needs_chunks(request):
+            return False  # its last part joins the batch (_admit takes it first)
+        try:
+            self._stats.prompt_tokens += self._prefill.prefill_chunk(request)
+        except Exception as exc:
+            self._chunking = None
+            request.handle.error = exc
+            self._finish(request, ERROR)
+            raise
+        return True
 
     def _finish(self, request: _Request, reason: str) -> None:
         """End a request that is not done yet (cancelled, error): its last event."""
@@ -251,16 +286,24 @@ class Engine:
         out = request.seq.out
         request.handle._emit(EngineEvent(tokens, text, max(request.seq.step - 1, 0), True, out))
 
-    def _accept(self, request: _Request, pair, confidence) -> None:
-        step, commits = request.seq.step, request.seq.out.commits
-        tokens, text = request.seq.accept(pair, confidence)
-        self._stats.generated_tokens += len(tokens)
-        self._stats.commits += request.seq.out.commits - commits
-        self._stats.pairs += 1
-        if request.seq.done:
+    def _accept(self, runner, requests: list[_Request], pair, conf) -> None:
+        """One step's pair [B, 2] and confidence [B] for `requests` (`runner`'s rows): emit
+        their events; the states of those that finished go to the prefix cache before their
+        last event (a next turn sent on it finds them)."""
+        finished = []
+        for i, request in enumerate(requests):
+            step, commits = request.seq.step, request.seq.out.commits
+            tokens, text = request.seq.accept(pair[i], conf[i])
+            self._stats.generated_tokens += len(tokens)
+            self._stats.commits += request.seq.out.commits - commits
+            self._stats.pairs += 1
+            if request.seq.done:
+                finished.append((i, request, tokens, text))
+            elif tokens or text:
+                request.handle._emit(EngineEvent(tokens, text, step))
+        self._prefill.save(runner, [(i, r) for i, r, _, _ in finished])
+        for _, request, tokens, text in finished:
             self._done(request, tokens, text)
-        elif tokens or text:
-            request.handle._emit(EngineEvent(tokens, text, step))
 
     def _drop(self) -> None:
         """Tick part 1: free the rows of finished and cancelled requests."""
@@ -278,18 +321,27 @@ class Engine:
             self._measure()
 
     def _admit(self) -> list[_Request]:
-        """Tick part 2: waiting requests in arrival order, within max_batch rows and the
-        prefill budget (padded tokens: rows x longest even prompt; a prompt longer than the
-        budget goes alone)."""
+        """Tick part 2: a chunked prompt's last part, then waiting requests in arrival order,
+        within max_batch rows and the prefill budget (padded tokens: rows x longest even feed).
+        A feed longer than the budget starts its chunks when it comes first (contract 1.1), or
+        goes alone (1.0)."""
         admitted, cancelled = [], []
+        if self._chunking is not None:
+            admitted, self._chunking = [self._chunking], None
         with self._cond:
-            longest = 0
+            longest = max((len(r.feed) + len(r.feed) % 2 for r in admitted), default=0)
             while self._waiting and len(self._running) + len(admitted) < self.config.max_batch:
                 request = self._waiting[0]
                 if request.handle.cancelled:
                     cancelled.append(self._waiting.popleft())
                     continue
-                n = len(request.seq.prompt)
+                if request.feed is None:
+                    self._look_up(request)
+                n = len(request.feed)
+                if self._prefill.needs_chunks(request):
+                    if not admitted:
+                        self._chunking = self._waiting.popleft()
+                    break
                 cost = (len(admitted) + 1) * max(longest, n + n % 2)
                 if admitted and cost > self.config.max_prefill_tokens:
                     break
@@ -297,16 +349,23 @@ class Engine:
                 longest = max(longest, n + n % 2)
         for request in cancelled:
             self._finish(request, CANCELLED)
+        if self._chunking is not None:
+            self._chunk()  # its first chunk, this tick
         return admitted
+
+    def _look_up(self, request: _Request) -> None:
+        hit = self._prefill.start(request)
+        if hit is not None:
+            self._stats.prefix_hits += hit
+            self._stats.prefix_misses += not hit
 
     def _join(self, admitted: list[_Request]) -> None:
         """Tick part 3: prefill the admitted requests as one batch, merge the rows that go on."""
         new = self.session.runner.begin()
         try:
-            pair, conf = prefill_rows(new, [r.seq for r in admitted], self.session.facts.pad_id)
-            for i, request in enumerate(admitted):
-                self._stats.prompt_tokens += len(request.seq.prompt)
-                self._accept(request, pair[i], conf[i])
+            pair, conf = self._prefill.prefill(new, admitted)
+            self._stats.prompt_tokens += sum(len(r.feed) for r in admitted)
+            self._accept(new, admitted, pair, conf)
             keep = [i for i, r in enumerate(admitted) if not r.seq.done]
             if keep:
                 if len(keep) < len(admitted):
@@ -335,8 +394,7 @@ class Engine:
         self._stats.steps += 1
         self._stats.rows_per_step = rows
         self._stats.padding_ratio = self._holes / (rows * self._slots)
-        for i, request in enumerate(self._running):
-            self._accept(request, pair[i], conf[i])
+        self._accept(self._batch, self._running, pair, conf)
 
     def _measure(self) -> None:
         """Holes and slots of the batch's cache, after rows joined or left."""
@@ -350,6 +408,9 @@ class Engine:
         """A step raised: end every request in flight with finish_reason "error"."""
         with self._cond:
             running, self._running = self._running, []
+            if self._chunking is not None:
+                running.append(self._chunking)
+                self._chunking = None
         for request in running:
             if not request.seq.done:
                 request.handle.error = exc

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipo_graphs import step_uniforms
-from pipo_graphs.contract import INPUT_IDS, LENGTHS, SAMPLING_INPUTS, UNIFORMS
+from pipo_graphs.contract import (INPUT_IDS, LENGTHS, NEXT_TOKEN, PAST, SAMPLING_INPUTS,
+    UNIFORMS)
+from pipo_graphs.dtypes import numpy_dtype
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest
 from pipo_graphs.semantics import pack_prompts
@@ -82,6 +84,44 @@ def row_prefill_feeds(prompts: list[list[int]], pad_id: int, sampling, keys) -> 
     ids, lengths = pack_prompts(prompts, pad_id)
     return {INPUT_IDS: ids, LENGTHS: lengths, **sampling_rows(sampling),
             UNIFORMS: row_uniforms([(seed, seq, 0) for seed, seq in keys])}
+
+
+def _dtype_name(dtype: str) -> str:
+    """A contract dtype name, or an ONNX Runtime type string ("tensor(float)") -> the contract's."""
+    if dtype.startswith("tensor("):
+        dtype = dtype[len("tensor("):-1]
+        return {"float": "float32", "double": "float64"}.get(dtype, dtype)
+    return dtype
+
+
+def empty_past(inputs, batch: int) -> dict[str, np.ndarray]:
+    """The prefill inputs of fresh sequences besides the prompt and sampling (contract 1.1):
+    every past.<state> empty (0 cached slots, zero conv windows and recurrent states, position
+    0, empty penalty masks) and next_token -1 [B]. inputs: the prefill graph's inputs, objects
+    with name, dtype (contract name or ORT type string) and shape (manifest TensorInfo, export
+    TensorSpec, ORT NodeArg under `ort_inputs`); {} for a contract 1.0 graph."""
+    out = {}
+    for t in inputs:
+        if t.name == NEXT_TOKEN:
+            out[t.name] = np.full(batch, -1, np.int64)
+        elif t.name.startswith(PAST):
+            shape = [batch if d == "batch" else d if isinstance(d, int) else 0 for d in t.shape]
+            out[t.name] = np.zeros(shape, numpy_dtype(_dtype_name(t.dtype)))
+    return out
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """One graph input as empty_past reads it."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+
+def ort_inputs(session) -> list[GraphInput]:
+    """An onnxruntime InferenceSession's inputs as GraphInputs."""
+    return [GraphInput(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
 
 
 def check_request(facts: ModelFacts, prompts: list[list[int]], max_steps: int,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pipo_graphs.contract import SKIPPED_CONFIDENCE
 from pipo_graphs.semantics import SequenceOutput
 
+from pipo_runtime.continuation import SequenceState
 from pipo_runtime.requests import ModelFacts
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes of a character still arriving
@@ -18,8 +19,10 @@ REPLACEMENT = "\ufffd"  # what a decoder shows for bytes of a character still ar
 class SequenceResult(SequenceOutput):
     text: str | None = None
     prefill_tokens: int = 0  # user tokens the prefill step emitted (1 or 2)
-    prompt_tokens: int = 0  # tokens of the prompt
-    cached_tokens: int = 0  # prompt tokens whose states came from a cache (not prefilled)
+    prompt_tokens: int = 0  # tokens of the prompt, cached ones included (a continued
+    # sequence's: its past's consumed + pending + new)
+    cached_tokens: int = 0  # prompt tokens whose states came from saved states (not prefilled)
+    state: SequenceState | None = None  # its final states (GenerationConfig.save_state)
 
 
 class TextStream:
@@ -84,11 +87,12 @@ class SequenceTracker:
     """
 
     def __init__(self, facts: ModelFacts, config, steps: int, seq: int, prompt: list[int],
-                 tokenizer=None, out: SequenceResult | None = None):
+                 tokenizer=None, out: SequenceResult | None = None, cached: int = 0):
+        """prompt: the tokens to prefill; cached: tokens before them that saved states hold."""
         self.facts, self.config, self.steps, self.seq = facts, config, steps, seq
         self.prompt = prompt
         self.out = out if out is not None else SequenceResult()
-        self.out.prompt_tokens = len(prompt)
+        self.out.prompt_tokens, self.out.cached_tokens = cached + len(prompt), cached
         self.stop_ids = set(config.stop_token_ids)
         self.text = TextStream(tokenizer, config.stop_strings) if tokenizer is not None else None
         self.step = 0  # steps accepted (the prefill is step 0)

@@ -1,6 +1,6 @@
 """PipoSession: load an export folder (or, on the torch backend, a checkpoint folder) once, then
 generate or stream. Every backend runs through it; its per-row logic (SequenceTracker: pairs to
-user tokens, limits, stop ids and strings, text; prefill_rows/decode_rows: each row's own
+user tokens, limits, stop ids and strings, text; row_feeds/decode_rows: each row's own
 sampling inputs and random stream) is the one the engine (pipo_runtime.engine) runs too.
 
     session = PipoSession.load("out/", backend=Backend.ONNXRUNTIME, threads=2)
@@ -8,6 +8,12 @@ sampling inputs and random stream) is the one the engine (pipo_runtime.engine) r
     stream = session.stream([[5, 17, 300]], GenerationConfig(max_steps=32))
     for event in stream: ...
     stream.result  # the GenerationResult, once the stream is exhausted
+
+Continuing sequences (graph contract 1.1, pipo_runtime.continuation): with
+`GenerationConfig(save_state=True)` each result sequence carries its `state`; the next turn
+`session.generate(new_tokens, config, past=state)` prefills only `state.pending + new_tokens`
+and gives the tokens of generating from `state.history + new_tokens` from scratch.
+`prefill_chunk=N` prefills prompts longer than N tokens in chunks of N (same tokens).
 
 Threads: a session may be shared. Each call runs its own generation (its own states, sampling
 inputs and result: `StepRunner.begin()`), over the backend's shared graphs and weights; a
@@ -26,12 +32,14 @@ from typing import Iterator
 import numpy as np
 
 from pipo_graphs import SamplingParams
+from pipo_graphs.contract import Mode, continues
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import MANIFEST, Manifest
 from pipo_graphs.shapes import state_bytes
 
 from pipo_runtime.backends import Backend, backend_module, parse_backend
-from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.backends.base import CANNOT_CONTINUE, RunnerOptions, StepRunner
+from pipo_runtime.continuation import SequenceState, finished_state, prefill_continuing
 from pipo_runtime.folder import TOKENIZER, open_export
 from pipo_runtime.requests import (ModelFacts, check_request, row_prefill_feeds, row_uniforms,
                                    token_ids)
@@ -63,6 +71,8 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # EOS ids are emitted like any token (fixed-length runs)
+    save_state: bool = False  # keep each sequence's final states (SequenceResult.state)
+    prefill_chunk: int | None = None  # prefill prompts in chunks of at most this many tokens
 
     def eos_ids(self, facts: ModelFacts) -> frozenset[int]:
         """The ids that end a row with finish_reason "eos": the model's, unless ignore_eos."""
@@ -70,6 +80,10 @@ class GenerationConfig:
 
     def steps(self) -> int:
         """Check the request's fields (type, range, finiteness); -> the steps it may take."""
+        if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk)
+                                               or self.prefill_chunk < 2 or self.prefill_chunk % 2):
+            raise PipoUserError(f"prefill_chunk must be an even integer >= 2 (chunks hold whole "
+                                f"pairs), got {self.prefill_chunk!r}")
         if not _is_real(self.threshold) or not math.isfinite(self.threshold):
             raise PipoUserError(f"threshold must be a finite number, got {self.threshold!r}")
         for name in ("max_steps", "max_new_tokens", "seed", "seq_offset"):
@@ -116,14 +130,12 @@ class GenerationResult:
         return 1e3 * self.decode_s / max(later, 1)
 
 
-def prefill_rows(runner: StepRunner, rows: list[SequenceTracker],
-                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill `rows` as one batch on `runner` (each row with its own sampling settings and
-    random stream) -> pair [B, 2], confidence [B]."""
-    feeds = row_prefill_feeds([r.prompt for r in rows], pad_id,
-                              [(r.config.sampling, r.config.threshold) for r in rows],
-                              [r.uniform_key()[:2] for r in rows])
-    return runner.prefill(feeds)
+def row_feeds(rows: list[SequenceTracker], tokens: list[list[int]], pad_id: int) -> dict:
+    """The prefill feeds of `tokens` (one list per row) with each row's own sampling settings
+    and step-0 uniforms: input_ids [B, T even], lengths [B], sampling [B], uniforms [B, 2]."""
+    return row_prefill_feeds(tokens, pad_id, [(r.config.sampling, r.config.threshold)
+                                              for r in rows],
+                             [r.uniform_key()[:2] for r in rows])
 
 
 def decode_rows(runner: StepRunner, rows: list[SequenceTracker]) -> tuple[np.ndarray, np.ndarray]:
@@ -221,42 +233,74 @@ class PipoSession:
             raise PipoUserError("empty prompt: every prompt needs at least one token")
         return out
 
-    def stream(self, prompts, config: GenerationConfig) -> GenerationStream:
+    def _past(self, past, n: int) -> list[SequenceState | None]:
+        """past (None, one SequenceState, or one per prompt) -> one entry per prompt."""
+        if past is None:
+            return [None] * n
+        rows = [past] if isinstance(past, SequenceState) else list(past)
+        if len(rows) != n or any(r is not None and not isinstance(r, SequenceState)
+                                 for r in rows):
+            raise PipoUserError(f"past must be a SequenceState or one (or None) per prompt: "
+                                f"{n} prompts, got {len(rows)} entries")
+        return rows
+
+    def _check_continuation(self, past: list, config: GenerationConfig) -> None:
+        """Refuse (one line) to continue sequences on an export whose contract cannot."""
+        if self.manifest is None or continues(self.manifest.contract_version):
+            return
+        if any(p is not None for p in past) or config.prefill_chunk:
+            raise PipoUserError(CANNOT_CONTINUE)
+
+    def stream(self, prompts, config: GenerationConfig, past=None) -> GenerationStream:
         """Check the request (now), then yield user tokens (and text deltas) as steps complete;
-        the returned stream's `.result` holds the GenerationResult once it is exhausted."""
+        the returned stream's `.result` holds the GenerationResult once it is exhausted.
+        past: SequenceStates the prompts continue (one, or one or None per prompt)."""
         if self.runner is None:
             raise PipoUserError("this PipoSession is closed; load the folder again")
         if not isinstance(config, GenerationConfig):
             raise PipoUserError(f"config must be a GenerationConfig, got "
                                 f"{type(config).__name__}")
         prompts = self._prompts(prompts)
+        past = self._past(past, len(prompts))
         steps = config.steps()
         config.sampling.validate()
+        self._check_continuation(past, config)
         stop_ids = token_ids(config.stop_token_ids, "stop_token_ids")
-        check_request(self.facts, prompts, steps, stop_ids)
-        self._check_memory(prompts, steps)
+        inputs = [list(p.pending) + t if p else t for t, p in zip(prompts, past)]
+        check_request(self.facts, [list(p.consumed) + t if p else t
+                                   for t, p in zip(inputs, past)], steps, stop_ids)
+        self._check_memory(inputs, steps)
         result = GenerationResult([SequenceResult() for _ in prompts])
-        return GenerationStream(self._events(prompts, config, steps, result), result)
+        return GenerationStream(self._events(inputs, past, config, steps, result), result)
 
-    def _events(self, prompts: list[list[int]], config: GenerationConfig, steps: int,
-                result: GenerationResult) -> Iterator[StreamEvent]:
+    def _events(self, prompts: list[list[int]], past: list, config: GenerationConfig,
+                steps: int, result: GenerationResult) -> Iterator[StreamEvent]:
         if self._serial is not None:
             with self._serial:
-                yield from self._steps(self.runner, prompts, config, steps, result)
+                yield from self._steps(self.runner, prompts, past, config, steps, result)
             return
         runner = self.runner.begin()  # this generation's states; graphs and weights shared
         try:
-            yield from self._steps(runner, prompts, config, steps, result)
+            yield from self._steps(runner, prompts, past, config, steps, result)
         finally:
             runner.end()
 
-    def _steps(self, runner: StepRunner, prompts, config: GenerationConfig, steps: int,
-               result: GenerationResult) -> Iterator[StreamEvent]:
+    @property
+    def _pair_width(self) -> int:
+        """Tokens the model reads per cache slot: 2 (pairs), 1 in regular mode."""
+        regular = self.manifest is not None and self.manifest.export.mode == Mode.REGULAR
+        return 1 if regular else 2
+
+    def _steps(self, runner: StepRunner, prompts, past: list, config: GenerationConfig,
+               steps: int, result: GenerationResult) -> Iterator[StreamEvent]:
         rows = [SequenceTracker(self.facts, config, steps, config.seq_offset + i, prompt,
-                                self.tokenizer, out)
-                for i, (prompt, out) in enumerate(zip(prompts, result.sequences))]
+                                self.tokenizer, out, len(p.consumed) if p else 0)
+                for i, (prompt, p, out) in enumerate(zip(prompts, past, result.sequences))]
         start = time.perf_counter()
-        pair, conf = prefill_rows(runner, rows, self.facts.pad_id)
+        pair, conf, consumed = prefill_continuing(
+            runner, prompts, past, lambda idx, tokens: row_feeds([rows[r] for r in idx], tokens,
+                                                                 self.facts.pad_id),
+            config.prefill_chunk, self.facts.pad_id, self._pair_width)
         result.ttft_s = time.perf_counter() - start
         for step in range(steps):
             if step:
@@ -269,12 +313,23 @@ class PipoSession:
                     new, delta = seq.accept(pair[row], conf[row])
                     if new or delta:
                         yield StreamEvent(row, new, delta, step)
-            if all(seq.done for seq in rows):
+            done = all(seq.done for seq in rows)
+            if config.save_state:
+                self._save(runner, [r.out for r in rows], consumed, done or step == steps - 1)
+            if done:
                 break
 
-    def generate(self, prompts, config: GenerationConfig) -> GenerationResult:
+    def _save(self, runner: StepRunner, outs: list, consumed: list, last: bool) -> None:
+        """Keep the states of the rows that finished this step (all rows at the last step)."""
+        rows = [r for r, o in enumerate(outs) if o.state is None and (o.done or last)]
+        values = runner.outputs() if rows else {}
+        for r in rows:
+            outs[r].state = finished_state(values, r, runner.pair_axes, consumed[r],
+                                           outs[r].pairs, self._pair_width)
+
+    def generate(self, prompts, config: GenerationConfig, past=None) -> GenerationResult:
         """Run to completion; exactly what `stream` yields, collected."""
-        stream = self.stream(prompts, config)
+        stream = self.stream(prompts, config, past)
         for _ in stream:
             pass
         return stream.result

@@ -3,7 +3,11 @@
 A `StepRunner` runs one generation's steps and keeps the states inside the backend:
 
     prefill(feeds) -> (pair [B, 2] int64, confidence [B] float32)
-        feeds: the prefill graph's inputs as numpy (pipo_runtime.requests.prefill_feeds)
+        feeds: the prefill graph's inputs as numpy (pipo_runtime.requests.prefill_feeds); on a
+        contract 1.1 export optionally past.<state> (numpy, or what `past()` returned) and
+        next_token: the sequences it continues (absent: fresh sequences, `prefill_extras`)
+    past() -> {past.<state>: value}                    the last step's states, as prefill takes
+                                                       them back (the backend's own values)
     decode(uniforms [B, 2]) -> (pair, confidence)     the next step; states stay inside
     outputs() -> {name: numpy}                         every output of the last step (compare)
     facts(facts) -> ModelFacts                         what requests are checked against
@@ -50,10 +54,14 @@ from typing import Any
 
 import numpy as np
 
+from pipo_graphs.contract import NEXT_TOKEN, PAST, present_to_past
 from pipo_graphs.errors import PipoUserError
 
 from pipo_runtime.backends import rows as host_rows
-from pipo_runtime.requests import ModelFacts
+from pipo_runtime.requests import ModelFacts, empty_past
+
+CANNOT_CONTINUE = ("this export's prefill takes no past states (graph contract 1.0), so it cannot "
+                   "continue a sequence; re-export it with this pipo-export (contract 1.1)")
 
 
 class BackendError(RuntimeError):
@@ -144,6 +152,16 @@ def max_threads() -> int:
     return THREADS_PER_CORE * (os.cpu_count() or 1)
 
 
+def prefill_extras(inputs, feeds: dict, batch: int) -> dict:
+    """The past.<state> and next_token inputs of a prefill: those in `feeds`, the others of a
+    contract 1.1 graph (`inputs`: its inputs, see requests.empty_past) empty. PipoUserError
+    (CANNOT_CONTINUE) when `feeds` continue sequences and the graph (1.0) takes no past."""
+    given = {k: v for k, v in feeds.items() if k.startswith(PAST) or k == NEXT_TOKEN}
+    if given and NEXT_TOKEN not in {t.name for t in inputs}:
+        raise PipoUserError(CANNOT_CONTINUE)
+    return {**{k: v for k, v in empty_past(inputs, batch).items() if k not in given}, **given}
+
+
 class StepRunner:
     """One backend's prefill and decode steps (see the module doc)."""
 
@@ -209,6 +227,10 @@ class StepRunner:
             return 0  # nothing copied
         self.load_states(host_rows.trim_columns(self.host_states(), self.pair_axes))
         return int(keep.size - keep.sum())
+
+    def past(self) -> dict[str, Any]:
+        """The last step's states as past.<state> (host copies unless a backend overrides it)."""
+        return present_to_past(self.outputs())
 
     def facts(self, facts: ModelFacts | None) -> ModelFacts:
         """The model facts requests are checked against: the manifest's by default. A backend

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, ORT_ONNX_DOMAIN_OPS, PAIR,
-                                  PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS,
+from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_PAIR, LENGTHS, ORT_ONNX_DOMAIN_OPS,
+                                  PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS,
                                   present_to_past)
 from pipo_graphs.errors import PipoUserError
 from pipo_graphs.shapes import pair_axes
 
-from pipo_runtime.backends.base import RunnerOptions, StepRunner
+from pipo_runtime.backends.base import RunnerOptions, StepRunner, prefill_extras
+from pipo_runtime.requests import GraphInput
 
 
 def _reference_ops():
@@ -77,9 +78,10 @@ class _Graph:
         _refuse_contrib(path, _contrib_ops(model))
         self.evaluator = ReferenceEvaluator(model, new_ops=_reference_ops())
         self.output_names = [o.name for o in model.graph.output]
-        self.input_shapes = {i.name: [d.dim_param or d.dim_value
-                                      for d in i.type.tensor_type.shape.dim]
-                             for i in model.graph.input}
+        self.inputs = [GraphInput(i.name, onnx.helper.tensor_dtype_to_np_dtype(
+            i.type.tensor_type.elem_type).name, tuple(d.dim_param or d.dim_value
+                                                      for d in i.type.tensor_type.shape.dim))
+            for i in model.graph.input]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.evaluator.run(None, feeds)))
@@ -98,14 +100,14 @@ class OnnxReferenceStepRunner(StepRunner):
         except ImportError as exc:
             raise PipoUserError(f"the onnx-reference backend needs the onnx package ({exc}); "
                                 "pip install 'pipo-runtime[reference]'") from None
-        self.pair_axes = pair_axes({PRESENT + n[len(PAST):]: shape
-                                    for n, shape in self.dec.input_shapes.items()
-                                    if n.startswith(PAST)})
+        self.pair_axes = pair_axes({PRESENT + i.name[len(PAST):]: i.shape
+                                    for i in self.dec.inputs if i.name.startswith(PAST)})
         self.last = self.fixed = None
 
     def prefill(self, feeds):
         self.fixed = {n: feeds[n] for n, _ in SAMPLING_INPUTS}
-        self.last = self.pre.run(feeds)
+        past = prefill_extras(self.pre.inputs, feeds, len(feeds[LENGTHS]))
+        self.last = self.pre.run({**feeds, **{k: np.asarray(v) for k, v in past.items()}})
         return self.last[PAIR], self.last[CONFIDENCE]
 
     def decode(self, uniforms):

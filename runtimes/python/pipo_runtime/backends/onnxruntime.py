@@ -27,8 +27,10 @@ from pipo_graphs.errors import PipoUserError
 from pipo_graphs.shapes import pair_axes
 
 from pipo_runtime.backends import rows as host_rows
-from pipo_runtime.backends.base import BackendError, OrtOptimization, RunnerOptions, StepRunner
+from pipo_runtime.backends.base import (BackendError, OrtOptimization, RunnerOptions, StepRunner,
+    prefill_extras)
 from pipo_runtime.onnx_proto import ExternalTensor, external_initializers  # noqa: F401
+from pipo_runtime.requests import ort_inputs
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -166,6 +168,7 @@ class OrtStepRunner(StepRunner):
         self.names = {s: [o.name for o in s.get_outputs()] for s in (self.pre, self.dec)}
         self.pair_axes = pair_axes({PRESENT + i.name[len(PAST):]: i.shape
                                     for i in self.dec.get_inputs() if i.name.startswith(PAST)})
+        self.pre_inputs = ort_inputs(self.pre)
         self.values = self.fixed = self.uniforms = None
 
     def _value(self, array: np.ndarray):
@@ -190,7 +193,13 @@ class OrtStepRunner(StepRunner):
         self.uniforms = self._value(feeds[UNIFORMS])
         inputs = {INPUT_IDS: self._value(feeds[INPUT_IDS]),
                   LENGTHS: self._value(feeds[LENGTHS]), **self.fixed, UNIFORMS: self.uniforms}
+        for name, value in prefill_extras(self.pre_inputs, feeds, len(feeds[LENGTHS])).items():
+            inputs[name] = value if isinstance(value, self.ort.OrtValue) else self._value(value)
         return self._run(self.pre, inputs)
+
+    def past(self):
+        """The last step's states as OrtValues (no host copy)."""
+        return present_to_past(self.values)
 
     def decode(self, uniforms):
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipo_graphs.contract import (CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR, LENGTHS, PAIR,
-    PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS)
+from pipo_graphs.contract import (ATTENTION_MASK, CONFIDENCE, DECODE, INPUT_IDS, INPUT_PAIR,
+    LENGTHS, PAIR, PAST, PREFILL, PRESENT, SAMPLING_INPUTS, UNIFORMS)
 from pipo_graphs.dtypes import ITEMSIZE, numpy_dtype
 from pipo_graphs.engine_manifest import EngineManifestError, GpuInfo, check_compatibility, \
     engine_profiles, load_engine_manifest, prompt_slots, select_profile
@@ -40,7 +40,7 @@ from pipo_graphs.errors import PipoUserError
 from pipo_graphs.manifest import Manifest, StateInfo
 from pipo_graphs.shapes import pair_axes, resolve_shape, state_nbytes
 
-from pipo_runtime.backends.base import BackendError, RunnerOptions, StepRunner
+from pipo_runtime.backends.base import BackendError, RunnerOptions, StepRunner, prefill_extras
 from pipo_runtime.backends.device_rows import DeviceRows
 from pipo_runtime.requests import ModelFacts
 
@@ -243,7 +243,7 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
 
     def _upload(self, key: str, array: np.ndarray) -> tuple[int, tuple]:
         array = np.ascontiguousarray(array, dtype=numpy_dtype(self.dtypes[key]))
-        ptr = self._ensure(key, array.nbytes)
+        ptr = self._ensure(key, max(array.nbytes, 1))  # empty past states still get an address
         self.device.upload(ptr, array)
         self.pending.append(array)
         return ptr, array.shape
@@ -306,12 +306,15 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
 
     def prefill(self, feeds: dict[str, np.ndarray]):
         """feeds: input_ids [B, T] (T even), lengths [B], sampling inputs [B], uniforms [B, 2]
-        -> pair [B, 2] int64, confidence [B] float32 (host)."""
+        (contract 1.1: past.<state> numpy, uploaded, and next_token) -> pair [B, 2] int64,
+        confidence [B] float32 (host)."""
         batch, tokens = feeds[INPUT_IDS].shape
         if batch > self.max_batch:
             raise PipoUserError(f"batch of {batch} prompts; the engines were built for at most "
                                 f"{self.max_batch} (pipo-export build --max-batch)")
-        slots = prompt_slots(self.mode, tokens)
+        past = prefill_extras(self.manifest.graphs[PREFILL].inputs, feeds, batch)
+        mask = past.get(PAST + ATTENTION_MASK)
+        slots = prompt_slots(self.mode, tokens) + (0 if mask is None else mask.shape[1])
         if slots > self.max_slots:
             raise PipoUserError(f"a prompt of {tokens} tokens exceeds the engines' max_context "
                                 f"{self.max_context} (pipo-export build --max-context)")
@@ -321,7 +324,8 @@ class TensorRTStepRunner(DeviceRows, StepRunner):
         self.fixed = {n: self._upload(n, feeds[n]) for n, _ in SAMPLING_INPUTS}
         inputs = {INPUT_IDS: self._upload(INPUT_IDS, feeds[INPUT_IDS]),
                   LENGTHS: self._upload(LENGTHS, feeds[LENGTHS]), **self.fixed,
-                  UNIFORMS: self._upload(UNIFORMS, feeds[UNIFORMS])}
+                  UNIFORMS: self._upload(UNIFORMS, feeds[UNIFORMS]),
+                  **{name: self._upload(name, value) for name, value in past.items()}}
         self._run(PREFILL, inputs, self._outputs(0, slots), tokens)
         self.step, self.slots, self.side = 0, slots, 0
         return self._fetch()

@@ -28,6 +28,7 @@ class ServeConfig:
     max_batch: int = 8
     max_queue: int = 64
     max_prefill_tokens: int = 2048
+    cache_bytes: int = 0  # the engine's prefix cache (contract 1.1); 0 = off
     threads: int = RunnerOptions.threads
     providers: tuple[str, ...] = RunnerOptions.providers
     served_model_name: str | None = None  # default: the export folder's name
@@ -43,6 +44,9 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise PipoUserError(f"--{name.replace('_', '-')} must be >= 1, got "
                                     f"{getattr(self, name)}")
+        if self.cache_bytes < 0:
+            raise PipoUserError(f"--cache-bytes must be >= 0 (0 = no prefix cache), got "
+                                f"{self.cache_bytes}")
         if not 0 < self.port < 65536:
             raise PipoUserError(f"--port must be in [1, 65535], got {self.port}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
@@ -76,7 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests that may wait for a row; beyond it, 429")
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
-                   help="prompt tokens prefilled per engine tick")
+                   help="prompt tokens prefilled per engine tick (contract 1.1 exports: a "
+                        "longer prompt is prefilled in chunks of this size between decode steps)")
+    p.add_argument("--cache-bytes", type=int, default=d.cache_bytes,
+                   help="bytes of finished requests' states kept in a prefix cache (LRU): a "
+                        "prompt that extends a cached conversation prefills only its new tokens "
+                        "(contract 1.1 exports; default 0 = off)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="ONNX Runtime intra-op threads (0 = its default)")
     p.add_argument("--providers", default=",".join(d.providers),

@@ -69,7 +69,7 @@ class ServerState:
             self.session = session
             self.engine = Engine(session, EngineConfig(
                 max_batch=c.max_batch, max_queue=c.max_queue,
-                max_prefill_tokens=c.max_prefill_tokens))
+                max_prefill_tokens=c.max_prefill_tokens, cache_bytes=c.cache_bytes))
             log.info("serving %s as %r", folder, c.model_name)
         except Exception as exc:  # reported by /health and to the process
             self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PipoUserError) \
