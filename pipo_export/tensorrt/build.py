@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipo_graphs.contract import DECODE, PREFILL, Target
 from pipo_graphs.engine_manifest import ENGINE_FILES, ENGINES, EngineManifest, make_engine_manifest
-from pipo_graphs.manifest import Manifest, sha256_file
+from pipo_graphs.manifest import Manifest, load_manifest, sha256_file
 from pipo_graphs.seal import seal_path, write_sealed
 from pipo_runtime.folder import open_export
 
@@ -126,7 +126,7 @@ def _publish(tmp: Path, folder: Path, names: list[str]) -> None:
 def build(opts: BuildOptions) -> EngineManifest:
     """Build both engines and engines.json in opts.folder; -> the engine manifest."""
     folder = Path(opts.folder)
-    manifest = open_export(folder).manifest  # the runtimes' checks (pipo_runtime.folder)
+    manifest = load_manifest(folder)  # sealed and typed: the flags are checked against it first
     target = manifest.export.target
     if target != Target.TENSORRT:
         raise BuildError(f"{folder} was exported with --target {target.value}; TensorRT engines are "
@@ -140,6 +140,7 @@ def build(opts: BuildOptions) -> EngineManifest:
         raise BuildError(f"{folder / ENGINES} already exists; pass --force to rebuild the engines")
     if opts.timing_cache and not Path(opts.timing_cache).resolve().parent.is_dir():
         raise BuildError(f"--timing-cache {opts.timing_cache}: its folder does not exist")
+    open_export(folder)  # then every file the runtimes' loader checks (pipo_runtime.folder)
 
     from pipo_runtime.backends.tensorrt import gpu_info, require_tensorrt
     trt = require_tensorrt()

@@ -7,6 +7,7 @@ size and the holes change the summation order of the GEMMs and the attention.
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import threading
@@ -262,11 +263,17 @@ def test_host_row_operations_keep_rows_aligned():
 # ------------------------------------------------------------------ text
 @pytest.fixture(scope="module")
 def text_session(ort_export, tmp_path_factory):
-    """The tiny export with a byte-level BPE tokenizer.json (tokenizers) over its vocabulary."""
+    """The tiny export with a byte-level BPE tokenizer.json (tokenizers) over its vocabulary,
+    added to the files table and resealed (pipo_runtime reads only sealed files)."""
     from pipo_export.model.synthetic import write_tiny_tokenizer
+    from pipo_graphs.manifest import file_entries
+    from pipo_graphs.seal import write_sealed
     folder = tmp_path_factory.mktemp("text") / "export"
     shutil.copytree(ort_export, folder)
     write_tiny_tokenizer(folder, 512, 510, 511)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_entries(folder, [*manifest["files"], "tokenizer.json"])
+    write_sealed(folder / "manifest.json", json.dumps(manifest, indent=2))
     s = PipoSession.load(folder, threads=1)
     yield s
     s.close()
