@@ -36,11 +36,13 @@ LLAMA_CPP_PYTHON = "0.3.36"
 LLAMACPP_PACKAGES = (TRANSFORMERS, "safetensors==0.8.0", "sentencepiece", "numpy")
 LLAMACPP_IMPORTS = {"torch": "2.13.0", "gguf": None, "transformers": "5.23.0",
                     "safetensors": None, "sentencepiece": None, "numpy": None}
-LLAMA_TARGETS = ("llama-bench", "llama-quantize")
+# llama-bench times the peers bench; llama-perplexity measures Q4_K_M's KL against f16
+# (benchmarks/README.md, Quality); llama-server is the serving bench's peer (serve_load.py)
+LLAMA_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-server")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_UI=OFF")
+               "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF")
 STAMP = "peer-build.json"
 
 

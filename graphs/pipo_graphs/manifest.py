@@ -109,7 +109,7 @@ def _from_json(cls, data, where: str):
 def _to_json(value):
     if is_dataclass(value):
         out = {f.name: _to_json(getattr(value, f.name)) for f in fields(value) if f.name != "extra"
-               and not (f.metadata.get("optional") and getattr(value, f.name) in (None, []))}
+               and not (f.metadata.get("optional") and getattr(value, f.name) in (None, [], {}))}
         out.update(value.extra)
         return out
     if isinstance(value, Enum):
@@ -245,6 +245,8 @@ class WeightsInfo(_Json):
     accuracy_level: int | None = _optional()  # MatMulNBits compute
     symmetric: bool | None = _optional()  # no stored zero points (older exports: asymmetric)
     quantized: list[str] = _optional(list)  # weights stored quantized (MatMulNBits)
+    bits_by_weight: dict[str, int] = _optional(dict)  # quantized weights at other bits than
+    # `bits` (mixed precision, `export --head-weights int8`: the lm_head)
     accuracy: dict[str, Any] | None = _optional()  # against a float32 twin (export.accuracy)
     extra: dict = _extra()  # "float": the weights a quantized export keeps in float
 

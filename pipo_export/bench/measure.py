@@ -88,9 +88,11 @@ def weight_widths(manifest: Manifest) -> dict[str, float]:
     stored = manifest.weights
     if stored is None or stored.format == "float":
         return {}
-    bits, block = stored.bits, stored.block_size
-    width = bits / 8 + 4 / block + (0 if stored.symmetric else bits / 8 / block)
-    return {name: width for name in stored.quantized}
+    block = stored.block_size
+
+    def width(bits: int) -> float:
+        return bits / 8 + 4 / block + (0 if stored.symmetric else bits / 8 / block)
+    return {name: width(stored.bits_by_weight.get(name, stored.bits)) for name in stored.quantized}
 
 
 def decode_bytes(model, manifest: Manifest, past_slots: int) -> dict:

@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true",
                    help="int8/int4 with a zero point per block (default: symmetric, as ONNX "
                         "Runtime GenAI's int4)")
+    p.add_argument("--head-weights", choices=("int8", "int4"), default=DEFAULTS.head_weights,
+                   help="the lm_head's own format in an int8/int4 export (mixed precision: "
+                        "int8 keeps it at 8 bits while the rest is int4, as llama.cpp's Q4_K_M "
+                        "keeps its output layer at 6; the embedding gather stays float); "
+                        "default: as --weights")
     p.add_argument("--trace-cache", default=None, metavar="DIR",
                    help="reuse traced pieces from DIR (same architecture, dtype, target, opset); "
                         "written there when missing")
@@ -57,5 +62,5 @@ def command(ns: argparse.Namespace) -> int:
                          trace_cache=ns.trace_cache,
                          weights=ns.weights, block_size=ns.block_size,
                          accuracy_level=ns.accuracy_level,
-                         symmetric=not ns.asymmetric))
+                         symmetric=not ns.asymmetric, head_weights=ns.head_weights))
     return 0

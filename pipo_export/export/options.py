@@ -32,3 +32,5 @@ class ExportOptions:
     block_size: int = 32  # quantization block along K (int8/int4)
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fast), 0 = float32
     symmetric: bool = True  # int8/int4 without zero points (as ORT GenAI); False: asymmetric
+    head_weights: str | None = None  # int8 | int4: the lm_head's own format (mixed precision);
+    # None: the same as `weights`

@@ -40,7 +40,8 @@ from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import MIN_CONTEXT, OPSETS, ExportOptions
 from pipo_export.export.pieces import PieceSet
 from pipo_export.export.trace import trace_piece
-from pipo_export.export.quantize import QuantSpec, WeightFormat, lm_head_as_matmul, quantize_piece
+from pipo_export.export.quantize import (QuantPlan, QuantSpec, WeightFormat, lm_head_as_matmul,
+    quantize_piece)
 from pipo_export.export.weights import Eta, WeightReader, write_weights
 from pipo_export.fsutil import atomic_dir
 from pipo_export.model.checkpoint import checkpoint_files, checkpoint_stack, open_checkpoint, \
@@ -104,6 +105,12 @@ def check_options(opts: ExportOptions) -> None:
             raise ExportError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
         if opts.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"--accuracy-level must be 0-4, got {opts.accuracy_level}")
+    if opts.head_weights is not None:
+        head = WeightFormat(opts.head_weights)
+        if weights == WeightFormat.FLOAT or head == WeightFormat.FLOAT:
+            raise ExportError(f"--head-weights {head.value} needs --weights int8|int4 (it sets "
+                              "the lm_head's bits of a quantized export); drop it, or add "
+                              "--weights int4")
 
 
 class Traced:
@@ -136,20 +143,27 @@ class Traced:
         self.embed = {g: todo[g][0] for g in todo}
         self.head = {g: todo[g][1] for g in todo}
 
-    def quantize(self, opts: ExportOptions) -> QuantSpec | None:
+    def quantize(self, opts: ExportOptions) -> QuantPlan | None:
         """For int8/int4 exports, rewrite every piece's weight MatMuls into MatMulNBits (the
-        lm_head too); -> the QuantSpec the weights are written with."""
+        lm_head too, at opts.head_weights when set); -> the QuantPlan the weights are written
+        with."""
         fmt = WeightFormat(opts.weights)
         if fmt == WeightFormat.FLOAT:
             return None
         spec = QuantSpec(fmt.bits, opts.block_size, opts.accuracy_level, opts.symmetric)
+        head = None if opts.head_weights is None else QuantSpec(
+            WeightFormat(opts.head_weights).bits, opts.block_size, opts.accuracy_level,
+            opts.symmetric)
         self.float_protos = dict(self.protos)
+        head_params = set()
         for name, proto in self.protos.items():
             proto = self.protos[name] = onnx.ModelProto.FromString(proto.SerializeToString())
             if name.endswith(".head"):
-                lm_head_as_matmul(proto)
-            quantize_piece(proto, spec)
-        return spec
+                head_params |= lm_head_as_matmul(proto)
+        plan = QuantPlan(spec, head, frozenset(head_params))
+        for proto in self.protos.values():
+            quantize_piece(proto, plan)
+        return plan
 
     def layer(self, graph: str, layer_type: str):
         return self.layers[layer_type][0 if graph == PREFILL else 1]
@@ -235,7 +249,8 @@ def export(opts: ExportOptions) -> Manifest:
         timings["trace_s"] = time.perf_counter() - t
         quant = traced.quantize(opts)
         names = traced.weight_names(layer_types)
-        form = opts.dtype.value if quant is None else f"{opts.weights} (block {opts.block_size})"
+        form = opts.dtype.value if quant is None else f"{opts.weights} (block {opts.block_size}" + (
+            f", lm_head {opts.head_weights})" if opts.head_weights else ")")
         t = progress(3, f"writing {len(names)} weights as {form} to {WEIGHTS_FILE}")
         eta = Eta("weights", log)
         reader = WeightReader(source, dtype, quant)
@@ -276,9 +291,11 @@ def export(opts: ExportOptions) -> Manifest:
         stored = WeightsInfo(file=WEIGHTS_FILE, tensors=len(weights),
                              bytes=(tmp / WEIGHTS_FILE).stat().st_size, format=opts.weights)
         if quant is not None:
-            stored = replace(stored, bits=quant.bits, block_size=quant.block_size,
-                             accuracy_level=quant.accuracy_level, symmetric=quant.symmetric,
-                             quantized=sorted(reader.quantized), accuracy=stored_accuracy)
+            spec = quant.spec
+            stored = replace(stored, bits=spec.bits, block_size=spec.block_size,
+                             accuracy_level=spec.accuracy_level, symmetric=spec.symmetric,
+                             quantized=sorted(reader.quantized), accuracy=stored_accuracy,
+                             bits_by_weight=quant.bits_by_weight(reader.quantized))
             stored.extra = {"float": sorted({reader.base(n) for n in names} - reader.quantized)}
         manifest = build_manifest(cfg, dims, source, {reader.base(n) for n in names}, opts,
                                   max_context, io, states, stored, timings, validation,

@@ -9,6 +9,10 @@ done once per traced piece: the weight input ``wT:<param>`` [K, N] feeding MatMu
 inputs ``wq:`` (packed [N, K/block, block*bits/8] uint8), ``wqs:`` (scales [N, K/block]) and,
 unless symmetric, ``wqz:`` (zero points, uint8). The embedding gather stays exact (float); a
 tied lm_head gets its own quantized copy of the transposed embedding.
+
+Mixed precision (`--head-weights int8`, as llama.cpp's Q4_K_M keeps its output layer at 6 bits):
+the lm_head is quantized with its own QuantSpec (QuantPlan.head) while every other weight uses
+the export's; the embedding gather is float either way.
 """
 from __future__ import annotations
 
@@ -74,6 +78,24 @@ class QuantSpec:
         return w.reshape(n, -1)[:, :k].T
 
 
+@dataclass(frozen=True)
+class QuantPlan:
+    """The QuantSpec of every quantized weight: `spec`, except the lm_head (`head_params`, found
+    when the head piece is rewritten), which takes `head` when it is set (mixed precision)."""
+
+    spec: QuantSpec
+    head: QuantSpec | None = None
+    head_params: frozenset = frozenset()
+
+    def for_param(self, param: str) -> QuantSpec:
+        return self.head if self.head is not None and param in self.head_params else self.spec
+
+    def bits_by_weight(self, quantized: set[str]) -> dict[str, int]:
+        """Quantized weights stored at other bits than `spec.bits` (the manifest's record)."""
+        return {p: self.for_param(p).bits for p in sorted(quantized)
+                if self.for_param(p).bits != self.spec.bits}
+
+
 def _consumers(graph_list) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for graph in graph_list:
@@ -83,12 +105,14 @@ def _consumers(graph_list) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
-def lm_head_as_matmul(model: onnx.ModelProto) -> None:
+def lm_head_as_matmul(model: onnx.ModelProto) -> set[str]:
     """Gemm(x, W, transB=1) on a weight input -> MatMul(x, wT:W) (the quantizable layout), adding
-    the transposed weight input; the gather of the same weight keeps reading W."""
+    the transposed weight input; the gather of the same weight keeps reading W.
+    -> the parameter names rewritten (the lm_head)."""
     from pipo_export.onnx.graph import iter_graphs
     graphs = list(iter_graphs(model.graph))
     weights = {vi.name: vi for vi in model.graph.input if vi.name.startswith(WEIGHT)}
+    rewritten = set()
     for graph in graphs:
         for node in graph.node:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -105,11 +129,13 @@ def lm_head_as_matmul(model: onnx.ModelProto) -> None:
             node.op_type = "MatMul"
             node.input[1] = name
             del node.attribute[:]
+            rewritten.add(src.name[len(WEIGHT):])
+    return rewritten
 
 
-def quantize_piece(model: onnx.ModelProto, spec: QuantSpec) -> list[str]:
-    """Rewrite every MatMul reading a ``wT:`` weight input into MatMulNBits, in place.
-    -> the parameter names quantized."""
+def quantize_piece(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
+    """Rewrite every MatMul reading a ``wT:`` weight input into MatMulNBits (each weight with its
+    plan.for_param spec), in place. -> the parameter names quantized."""
     from pipo_export.onnx.graph import iter_graphs
     graphs = list(iter_graphs(model.graph))
     users = _consumers(graphs)
@@ -127,6 +153,7 @@ def quantize_piece(model: onnx.ModelProto, spec: QuantSpec) -> list[str]:
         if not matmuls or not ok:
             continue
         param = vi.name[len(WEIGHT_T):]
+        spec = plan.for_param(param)
         blocks = -(-k // spec.block_size)
         shapes = {"wq:": [n, blocks, spec.block_size * spec.bits // 8],
                   "wqs:": [n, blocks],
@@ -134,7 +161,7 @@ def quantize_piece(model: onnx.ModelProto, spec: QuantSpec) -> list[str]:
         types = {"wq:": TensorProto.UINT8, "wqs:": vi.type.tensor_type.elem_type,
                  "wqz:": TensorProto.UINT8}
         prefixes = [p for p in QUANT_INPUTS if p != ZERO_POINTS or not spec.symmetric]
-        for m in matmuls:
+        for m in matmuls:  # (the plan's specs share `symmetric`)
             m.op_type, m.domain = "MatMulNBits", MS_DOMAIN
             m.input[:] = [m.input[0]] + [p + param for p in prefixes]
             m.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n),

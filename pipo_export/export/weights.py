@@ -21,7 +21,7 @@ from pipo_graphs.dtypes import itemsize
 
 from pipo_export.export.assemble import WeightRef
 from pipo_export.export.pieces import TRANSPOSED
-from pipo_export.export.quantize import QUANT_INPUTS, QuantSpec
+from pipo_export.export.quantize import QUANT_INPUTS, QuantPlan
 from pipo_export.model.source import TensorSource
 
 ALIGN = WEIGHTS_ALIGN  # the layout runtimes check (pipo_runtime.folder.check_layout)
@@ -40,7 +40,7 @@ class WeightReader:
     """Produces stored weights from the checkpoint: cast, transposed, quantized (the three
     MatMulNBits parts of one weight are computed once)."""
 
-    def __init__(self, source: TensorSource, dtype: torch.dtype, quant: QuantSpec | None = None):
+    def __init__(self, source: TensorSource, dtype: torch.dtype, quant: QuantPlan | None = None):
         self.source, self.dtype, self.quant = source, dtype, quant
         self._parts: tuple[str, dict] | None = None
         self.quantized: set[str] = set()  # checkpoint names written quantized
@@ -56,7 +56,7 @@ class WeightReader:
             base = self.base(name)
             if self._parts is None or self._parts[0] != base:
                 w = self.source.get(base).to(torch.float32).T.numpy()  # [K, N]
-                packed, scales, zp = self.quant.quantize(w)
+                packed, scales, zp = self.quant.for_param(base).quantize(w)
                 self._parts = (base, dict(zip(QUANT_SUFFIXES, (packed, scales, zp))))
             return self._parts[1][name[len(base):]]
         if name.endswith(TRANSPOSED):
@@ -70,8 +70,9 @@ class WeightReader:
         value = self.source.get(name).to(self.dtype)
         if self.quant is None or not matmul or name not in self.quantized:
             return value.to(dtype)
-        packed, scales, zp = self.quant.quantize(value.float().T.numpy())
-        w_t = self.quant.dequantize(packed, scales, zp, value.shape[1])
+        spec = self.quant.for_param(name)
+        packed, scales, zp = spec.quantize(value.float().T.numpy())
+        w_t = spec.dequantize(packed, scales, zp, value.shape[1])
         return torch.from_numpy(np.ascontiguousarray(w_t.T)).to(dtype)
 
 

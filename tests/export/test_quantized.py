@@ -27,7 +27,10 @@ def quantized(tmp_path_factory):
             "int4": export_folder(root / "int4", TINY_REF, cache, weights="int4",
                                   accuracy_level=0),
             "int4-asym": export_folder(root / "int4-asym", TINY_REF, cache, weights="int4",
-                                       accuracy_level=0, symmetric=False)}
+                                       accuracy_level=0, symmetric=False),
+            # mixed precision: int4, the lm_head at 8 bits
+            "int4-head8": export_folder(root / "int4-head8", TINY_REF, cache, weights="int4",
+                                        accuracy_level=0, head_weights="int8")}
 
 
 def _op_types(path) -> set[str]:
@@ -71,35 +74,70 @@ def test_zero_points_stored_only_when_asymmetric(quantized, kind):
     assert inputs == ({3} if symmetric else {4})  # A, B, scales (, zero points)
 
 
-def _fake_quantized(names: list[str], spec):
+def _fake_quantized(names: list[str], spec, head_spec=None):
     """The tiny checkpoint in torch with each quantized weight W [out, in] replaced by
-    dequantize(quantize(W^T))^T; the tied table only on the lm_head side (the export's gather
-    stays exact)."""
+    dequantize(quantize(W^T))^T (the lm_head with head_spec when given); the tied table only on
+    the lm_head side (the export's gather stays exact)."""
     import torch
     from pipo_export import load_checkpoint
     model = load_checkpoint(TINY_REF)
 
-    def fq(w):
+    def fq(w, s=spec):
         k = w.shape[1]
-        return torch.from_numpy(spec.dequantize(*spec.quantize(w.detach().T.numpy()), k).T.copy())
+        return torch.from_numpy(s.dequantize(*s.quantize(w.detach().T.numpy()), k).T.copy())
     with torch.no_grad():
         for name in names:
             if name == "model.embed_tokens.weight":
-                model.lm_head.weight = torch.nn.Parameter(fq(model.lm_head.weight))
+                model.lm_head.weight = torch.nn.Parameter(fq(model.lm_head.weight,
+                                                             head_spec or spec))
             else:
                 model.get_parameter(name).copy_(fq(model.get_parameter(name)))
     return model
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4-asym"])
+def test_mixed_precision_keeps_the_lm_head_at_8_bits(quantized):
+    """--head-weights int8: the lm_head's MatMulNBits read 8-bit weights, every other one 4-bit,
+    and the manifest records the exception."""
+    w = json.loads((quantized["int4-head8"] / "manifest.json").read_text())["weights"]
+    assert w["bits"] == 4 and w["bits_by_weight"] == {"model.embed_tokens.weight": 8}
+    assert "bits_by_weight" not in json.loads((quantized["int4"] / "manifest.json").read_text()
+                                              )["weights"]
+    model = onnx.load(str(quantized["int4-head8"] / "decode_unfold.onnx"),
+                      load_external_data=False)
+    bits = {}
+
+    def walk(graph):
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                bits[node.input[1]] = attrs["bits"]
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+    walk(model.graph)
+    assert {v for k, v in bits.items() if "embed_tokens" in k} == {8}
+    assert {v for k, v in bits.items() if "embed_tokens" not in k} == {4}
+
+
+def test_head_weights_need_a_quantized_export(tmp_path):
+    proc = run_cli("export", str(TINY_REF), "-o", str(tmp_path / "out"), "--head-weights", "int8",
+                   check=False)
+    assert proc.returncode == 2 and "needs --weights int8|int4" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4-asym", "int4-head8"])
 def test_int4_tokens_equal_dequantized_torch(quantized, kind):
     """Greedy and sampled pairs of the int4 export equal the torch reference on the dequantized
-    weights exactly; confidences within 1e-4 (float32 summation order)."""
+    weights exactly (the lm_head at 8 bits for int4-head8); confidences within 1e-4 (float32
+    summation order)."""
     from pipo_export.export.quantize import QuantSpec
     from pipo_export.model.decoder import GenerateOptions, ReferenceDecoder
     from pipo_graphs import SamplingParams
     w = json.loads((quantized[kind] / "manifest.json").read_text())["weights"]
-    model = _fake_quantized(w["quantized"], QuantSpec(4, w["block_size"], 0, w["symmetric"]))
+    head = w.get("bits_by_weight", {}).get("model.embed_tokens.weight")
+    model = _fake_quantized(w["quantized"], QuantSpec(4, w["block_size"], 0, w["symmetric"]),
+                            QuantSpec(head, w["block_size"], 0, w["symmetric"]) if head else None)
     session = PipoSession.load(quantized[kind])
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.95, top_k=20)):
         want = ReferenceDecoder(model).generate(PROMPTS, GenerateOptions(
