@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "to leave the cores idle")
     p.add_argument("--retries", type=int, default=DEFAULTS.retries,
                    help="re-time a measurement other processes disturbed (>= 0.25 cores)")
+    p.add_argument("--gated-commit-rate", type=float, default=None, metavar="C",
+                   help="add PIPO's gated operating point: ms/token when a trained gate keeps "
+                        "token 2 in a fraction C of steps (the quality table's commit rate at "
+                        "tau 0.5), from the measured step time: step / (1 + C)")
     return p
 
 
@@ -71,11 +75,15 @@ def options(ns: argparse.Namespace) -> PeerBenchOptions:
         block_size=ns.block_size, peers=ns.peers, genai_precisions=ns.genai_precisions,
         gguf_types=ns.gguf_types, peer_root=ns.peer_root, install=not ns.no_peer_install,
         wait_idle=ns.wait_idle, retries=ns.retries, workdir=ns.workdir,
-        json_file=ns.json_file, plot_file=ns.plot_file, rebuild=ns.rebuild)
+        json_file=ns.json_file, plot_file=ns.plot_file, rebuild=ns.rebuild,
+        gated_commit_rate=ns.gated_commit_rate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = options(build_parser().parse_args(argv))
+    parser = build_parser()
+    opts = options(parser.parse_args(argv))
+    if opts.gated_commit_rate is not None and not 0 <= opts.gated_commit_rate <= 1:
+        parser.error(f"--gated-commit-rate is a fraction in [0, 1], got {opts.gated_commit_rate}")
     try:
         return run_peer_bench(opts)
     except PipoUserError as exc:

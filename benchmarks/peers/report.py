@@ -89,7 +89,26 @@ def build(opts, text: dict, methods, results: dict, bounds: dict, skipped: list[
         "methods": [{"key": m.key, "tool": m.tool, "precision": m.precision,
                      "artifact": m.artifact, "bytes": m.bytes, **m.info} for m in methods],
         "peers": peers_info, "skipped": skipped, "semantics": semantics(),
-        "results": rows, "bytes_bound": bound_rows(bounds, rows), "targets": targets(rows)}
+        "results": rows, "bytes_bound": bound_rows(bounds, rows), "targets": targets(rows),
+        "gated": gated_rows(rows, opts.gated_commit_rate)}
+
+
+def gated_rows(rows: dict, commit: float | None) -> dict:
+    """PIPO's gated operating point per context and precision: at tau < 0 every decode step
+    emits two tokens, so step = 2 x ms/token; a gate that keeps token 2 in a fraction `commit`
+    of steps emits 1 + commit per step of the same graph -> ms/token = step / (1 + commit).
+    Derived from the measured medians, not timed."""
+    if commit is None:
+        return {}
+    out: dict = {}
+    for context, per_method in rows.items():
+        for key, r in per_method.items():
+            if key.startswith("pipo-"):
+                step = 2 * r["ms_per_token"]["median"]
+                out.setdefault(context, {})[key] = {
+                    "commit_rate": commit, "ms_per_step": step,
+                    "ms_per_token": step / (1 + commit)}
+    return out
 
 
 def _full_layers(shape: str) -> int | None:
@@ -130,6 +149,17 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {context} | {precision} | {b['pipo_step_bytes'] / 1e6:,.1f} | "
                              f"{b['pipo_token_bytes'] / 1e6:,.1f} | "
                              f"{b['regular_token_bytes'] / 1e6:,.1f} | {b['bound']:.2f}x | {got} |")
+    gated = doc.get("gated") or {}
+    if gated:
+        lines += ["", "PIPO's gated operating point (derived: step / (1 + commit rate), the trained "
+                  "gate's commit rate at tau 0.5 from the quality table):", "",
+                  "| context | export | commit rate | ms/step | ms/token gated | ms/token tau -1 |",
+                  "|---|---|---|---|---|---|"]
+        for context, per_key in gated.items():
+            for key, g in per_key.items():
+                lines.append(f"| {context} | {key} | {g['commit_rate']:.1%} | "
+                             f"{g['ms_per_step']:.2f} | {g['ms_per_token']:.2f} | "
+                             f"{g['ms_per_step'] / 2:.2f} |")
     lines += [""] + [_target_line(c, t) for c, t in doc["targets"].items() if t]
     lines += ["", "What the numbers mean:"] + [f"- {v}" for v in doc["semantics"].values()]
     flagged = [(c, k) for c, pm in doc["results"].items() for k, r in pm.items() if r["flagged"]]

@@ -56,6 +56,7 @@ class PeerBenchOptions:
     plot_file: str | None = None
     rebuild: bool = False
     seed: int = 0
+    gated_commit_rate: float | None = None  # the trained gate's commit rate (quality table)
 
 
 @dataclass

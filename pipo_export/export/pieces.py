@@ -53,6 +53,8 @@ SAMPLING = tuple(n for n, _ in SAMPLING_INPUTS)
 EMBED_PARAMS = ("model.model.embed_tokens.", "model.compressor.")
 HEAD_PARAMS = ("model.model.norm.", "model.model.embed_tokens.", "model.lm_head.", "model.mtp.",
                "model.confidence_head.")
+LM_HEAD_PARAMS = ("model.lm_head.weight", "model.model.embed_tokens.weight")  # the head piece's
+# lm_head weight (tied: the embedding table)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pipo_export.export.cache import PieceCache, piece_key
 from pipo_export.export.io_spec import TensorSpec, graph_specs, model_dims
 from pipo_export.export.lowering import Lowering, lowering_for
 from pipo_export.export.options import MIN_CONTEXT, OPSETS, ExportOptions
-from pipo_export.export.pieces import PieceSet
+from pipo_export.export.pieces import LM_HEAD_PARAMS, PieceSet
 from pipo_export.export.trace import trace_piece
 from pipo_export.export.quantize import (QuantPlan, QuantSpec, WeightFormat, lm_head_as_matmul,
     quantize_piece)
@@ -155,11 +155,13 @@ class Traced:
             WeightFormat(opts.head_weights).bits, opts.block_size, opts.accuracy_level,
             opts.symmetric)
         self.float_protos = dict(self.protos)
-        head_params = set()
+        heads = {piece.name: piece for piece in self.head.values()}
+        head_params = set()  # the lm_head as its piece names it and by its checkpoint name
         for name, proto in self.protos.items():
             proto = self.protos[name] = onnx.ModelProto.FromString(proto.SerializeToString())
-            if name.endswith(".head"):
-                head_params |= lm_head_as_matmul(proto)
+            if name in heads:
+                params = lm_head_as_matmul(proto) & set(LM_HEAD_PARAMS)
+                head_params |= params | {heads[name].global_name(p) for p in params}
         plan = QuantPlan(spec, head, frozenset(head_params))
         for proto in self.protos.values():
             quantize_piece(proto, plan)

@@ -80,8 +80,9 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """The QuantSpec of every quantized weight: `spec`, except the lm_head (`head_params`, found
-    when the head piece is rewritten), which takes `head` when it is set (mixed precision)."""
+    """The QuantSpec of every quantized weight: `spec`, except the lm_head (`head_params`: its
+    names in the head piece and in the checkpoint, found when the head piece is rewritten),
+    which takes `head` when it is set (mixed precision)."""
 
     spec: QuantSpec
     head: QuantSpec | None = None

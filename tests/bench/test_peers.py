@@ -183,6 +183,22 @@ def test_report_table_bounds_and_flags():
     assert "| 256 | pipo-export PIPO | int4 | 52.5 (50.0-55.0) |" in text
     assert "FLAGGED" in text and "1.60x" in text and "llama-quantize failed" in text
     assert json.loads(json.dumps(doc))["results"]["256"]["pipo-int4"]["ttft_ms"]["min"] == 50
+    assert doc["gated"] == {} and "gated operating point" not in text
+
+
+def test_report_gated_operating_point_is_step_over_one_plus_commit():
+    """ms/token at commit rate c = (2 x ms/token at tau < 0) / (1 + c): a step emits 1 + c."""
+    from benchmarks.peers import report
+    from benchmarks.peers.suite import Method, PeerBenchOptions
+    opts = PeerBenchOptions(contexts=[256], repeats=1, gated_commit_rate=0.6)
+    methods = [Method("pipo-int4", "pipo-export PIPO", "int4", "x", 1, None),
+               Method("regular-int4", "pipo-export regular", "int4", "x", 1, None)]
+    results = {"256": {"pipo-int4": [Sample(50, 10.0)], "regular-int4": [Sample(90, 18.0)]}}
+    doc = report.build(opts, {"num_hidden_layers": 4}, methods, results, {}, [], {}, {})
+    g = doc["gated"]["256"]
+    assert set(g) == {"pipo-int4"}
+    assert g["pipo-int4"]["ms_per_token"] == pytest.approx(20.0 / 1.6)
+    assert "| 256 | pipo-int4 | 60.0% | 20.00 | 12.50 | 10.00 |" in report.markdown(doc)
 
 
 def test_decode_bytes_counts_quantized_weights():

@@ -318,3 +318,24 @@ def test_stop_string_spanning_two_steps_never_leaks(text_session):
             engine.shutdown()
         assert "".join(deltas) == result.text == full[:cut], run
         assert result.finish_reason == "stop", run
+
+
+def test_request_over_the_state_budget_is_refused_at_submit(ort_export):
+    """A request whose states alone exceed RunnerOptions.max_state_bytes is refused when it is
+    submitted (one line, nothing queued), as PipoSession refuses it; one that fits runs.
+    Fails with the check in Engine.submit removed: the request is queued and runs."""
+    from pipo_graphs.shapes import state_bytes
+    probe = PipoSession.load(ort_export)
+    budget = 2 * state_bytes(probe.manifest.states, 1, 1 + 8)  # 1 row, 1 prompt pair, 8 steps
+    probe.close()
+    s = PipoSession.load(ort_export, max_state_bytes=budget)
+    engine = Engine(s, EngineConfig(max_batch=2))
+    try:
+        assert len(engine.submit([5, 17], GenerationConfig(max_steps=8)).result(timeout=60)
+                   .pairs) == 8
+        with pytest.raises(PipoUserError, match="max_state_bytes"):
+            engine.submit([5, 17], GenerationConfig(max_steps=64))
+        assert engine.stats().waiting == 0
+    finally:
+        engine.shutdown()
+        s.close()
