@@ -62,8 +62,8 @@ from benchmarks.serving import (BenchError, RssSampler, ServerProcess, drive, fr
     scrape_metrics, timings_count, token_ids_count, tree, vm_hwm_mib)
 
 ROOT = "build/bench/qwen3.5-0.8b-L24"  # the peers bench's --workdir / shape-L<layers>
-BUILD_HINT = ("build them with `python -m benchmarks.peers --peers llamacpp --precisions int4 "
-              "--gguf-types Q4_K_M --contexts 1024 --repeats 1`")
+BUILD_HINT = ("the peers bench makes it: `python -m benchmarks.peers --peers llamacpp "
+              "--precisions int4 --gguf-types Q4_K_M --contexts 1024 --repeats 1`")
 SERVERS = ("pipo", "llamacpp")
 MODEL = "bench"  # the model name both servers answer to
 CTX_MARGIN = 16  # tokens per llama-server slot beyond prompt + new tokens
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     top = min([model.vocab_size, model.pad_token_id, *model.eos_token_ids])  # below specials
     warm = prompt_ids(opts, top, 10**6)
     probe = llama_probe(opts.llama_server) if "llamacpp" in opts.servers else {}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the server is stopped
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop, report
     rows: list[dict] = []
     failures: list[str] = []
     try:
@@ -333,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"N={n} {name}: {exc}")
                     failures.append(f"N={n} {name}: {exc}")
     except KeyboardInterrupt:
-        log("interrupted (the server was stopped); reporting what finished")
+        log("interrupted: the server was stopped; reporting what finished")
     doc = {"options": asdict(opts), "machine": machine_info(), "llama_server": probe,
            "export": {"path": opts.export, "vocab_size": model.vocab_size,
                       "max_context": model.max_context, "prompt_id_bound": top},
-           "semantics": __doc__.split("\n\nMeasured")[1].split("\n\nBounded")[0].strip(),
+           "semantics": "Measured" + __doc__.split("\n\nMeasured")[1].split("\n\nBounded")[0],
            "runs": rows, "failures": failures}
     print(markdown(rows))
     if opts.json_file:
