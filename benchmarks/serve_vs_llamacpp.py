@@ -234,13 +234,16 @@ def plot(rows: list[dict], path: str) -> None:
     panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
               ("itl_ms_p50", "ITL p50 (ms/token)"), ("peak_rss_mib", "peak RSS (MiB)")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    ns = sorted({r["clients"] for r in rows})
     for ax, (key, label) in zip(axes, panels):
         for name in SERVERS:
             pts = [(r["clients"], r[key]) for r in rows
                    if r["server"] == name and r[key] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", xlabel="concurrent clients N", title=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set(xlabel="concurrent clients N", title=label)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"N={n} {name}: {exc}")
     except KeyboardInterrupt:
         log("interrupted: the server was stopped; reporting what finished")
-    doc = {"options": asdict(opts), "machine": machine_info(), "llama_server": probe,
+    doc = {"argv": sys.argv, "options": asdict(opts), "machine": machine_info(),
+           "llama_server": probe,
            "export": {"path": opts.export, "vocab_size": model.vocab_size,
                       "max_context": model.max_context, "prompt_id_bound": top},
            "semantics": "Measured" + __doc__.split("\n\nMeasured")[1].split("\n\nBounded")[0],
