@@ -27,7 +27,9 @@ Measured per N x server (units in the JSON keys):
   while its text ends inside a UTF-8 sequence (frequent with random weights over a byte-level
   vocabulary), so its first chunk can come a token late; ours sends ids at once;
 - ITL: the gap between two token-carrying chunks of a request / the tokens the later one
-  carries (ours: up to two, a PIPO step emits a pair), one value per token, over all requests;
+  carries (ours: up to two, a PIPO step emits a pair), one value per token, over all requests
+  (chunks that reach the client in a burst make its p50 small); TPOT: per request, (last token
+  - first token time) / (tokens - 1), p50 over requests;
 - server CPU seconds (psutil, user + system of the process tree) in the load phase and the
   cores that makes; peak RSS of the tree sampled every --sample-interval s, and VmHWM (peak
   since start, loading included); others_cores: cores the rest of the machine used meanwhile
@@ -214,15 +216,15 @@ def measure(server: ServerProcess, n: int, prompts: list[list[int]], warm: list[
 # ---------------------------------------------------------------------------- report
 def markdown(rows: list[dict]) -> str:
     lines = ["| N | server | ok/sent | output tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 "
-             "ms/token | server CPU s (cores) | peak RSS MiB | others cores |",
-             "|" + "---|" * 9]
+             "ms/token | TPOT p50 ms | server CPU s (cores) | peak RSS MiB | others cores |",
+             "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['clients']} | {r['server']} | {r['ok']}/{r['sent']}"
             f"{' (timed out)' if r['timed_out'] else ''} | {r['output_tokens_per_s']} | "
             f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']} | {r['itl_ms_p50']} / {r['itl_ms_p99']} | "
-            f"{r['server_cpu_s']} ({r['server_cores']}) | {r['peak_rss_mib']} | "
-            f"{r['others_cores']}{' (disturbed)' if r['others_cores'] >= BUSY_CORES else ''} |")
+            f"{r['tpot_ms_p50']} | {r['server_cpu_s']} ({r['server_cores']}) | "
+            f"{r['peak_rss_mib']} | {r['others_cores']}{' (disturbed)' if r['others_cores'] >= BUSY_CORES else ''} |")
     return "\n".join(lines)
 
 
@@ -232,7 +234,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
-              ("itl_ms_p50", "ITL p50 (ms/token)"), ("peak_rss_mib", "peak RSS (MiB)")]
+              ("tpot_ms_p50", "TPOT p50 (ms/token)"), ("peak_rss_mib", "peak RSS (MiB)")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     ns = sorted({r["clients"] for r in rows})
     for ax, (key, label) in zip(axes, panels):

@@ -72,7 +72,7 @@ def test_server_commands():
 
 
 def test_markdown_flags_disturbed_and_timed_out_rows():
-    row = dict(clients=2, server="llamacpp", ok=3, sent=4, timed_out=True,
+    row = dict(clients=2, server="llamacpp", ok=3, sent=4, timed_out=True, tpot_ms_p50=3.5,
                output_tokens_per_s=10.0, ttft_ms_p50=1.0, ttft_ms_p99=2.0, itl_ms_p50=3.0,
                itl_ms_p99=4.0, server_cpu_s=5.0, server_cores=1.9, peak_rss_mib=100.0,
                others_cores=0.5)
