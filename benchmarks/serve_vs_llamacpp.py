@@ -224,7 +224,8 @@ def markdown(rows: list[dict]) -> str:
             f"{' (timed out)' if r['timed_out'] else ''} | {r['output_tokens_per_s']} | "
             f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']} | {r['itl_ms_p50']} / {r['itl_ms_p99']} | "
             f"{r['tpot_ms_p50']} | {r['server_cpu_s']} ({r['server_cores']}) | "
-            f"{r['peak_rss_mib']} | {r['others_cores']}{' (disturbed)' if r['others_cores'] >= BUSY_CORES else ''} |")
+            f"{r['peak_rss_mib']} | {r['others_cores']}"
+            f"{' (disturbed)' if r['others_cores'] >= BUSY_CORES else ''} |")
     return "\n".join(lines)
 
 
