@@ -45,10 +45,11 @@ def _run(cmd: list, logfile: Path, what: str) -> float:
     return time.perf_counter() - t0
 
 
-def convert(env: PeerEnv, hf: Path, out_dir: Path, gguf_type: str, force: bool = False) -> Gguf:
+def convert(env: PeerEnv, hf: Path, out_dir: Path, gguf_type: str, force: bool = False,
+            pre: str = PRE_TOKENIZER) -> Gguf:
     """HF folder -> out_dir/model-f16.gguf (converter; the quantization source) ->
     out_dir/model-TYPE.gguf (llama-quantize). Each file written as .tmp and renamed; reused
-    when present."""
+    when present. `pre`: tokenizer.ggml.pre written when the tokenizer's hash is unknown."""
     hf, out_dir = Path(hf).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     logfile = out_dir / "convert.log"
@@ -58,13 +59,13 @@ def convert(env: PeerEnv, hf: Path, out_dir: Path, gguf_type: str, force: bool =
     if force or not base.is_file():
         tmp = base.with_name(base.name + ".tmp")
         start = logfile.stat().st_size if logfile.is_file() else 0
-        seconds += _run([env.python, CHILD, "--llama-dir", env.llama_dir, "--pre", PRE_TOKENIZER,
+        seconds += _run([env.python, CHILD, "--llama-dir", env.llama_dir, "--pre", pre,
                          "--", hf, "--outfile", tmp, "--outtype", source, "--no-mtp"],
                         logfile, f"convert_hf_to_gguf ({source})")
         with open(logfile, errors="replace") as f:
             f.seek(start)
             if "pre-tokenizer hash unknown" in f.read():
-                fallback = PRE_TOKENIZER
+                fallback = pre
         tmp.rename(base)
     out = out_dir / f"model-{gguf_type}.gguf"
     if out != base and (force or not out.is_file()):
