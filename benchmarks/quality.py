@@ -52,6 +52,8 @@ class QualityOptions:
     new_tokens: int = 64
     repeats: int = 5
     threads: int = 2
+    scores_from: str | None = None  # a previous run's --json: reuse its eval reports (the
+    # exports are deterministic; eval is the slow part), time again
 
 
 def log(text: str) -> None:
@@ -94,13 +96,14 @@ def score_rows(opts: QualityOptions, folders: dict[str, Path], text: str) -> dic
 
 
 def time_rows(opts: QualityOptions, folders: dict[str, Path], text: str) -> dict[str, dict]:
-    """Greedy decoding from the text's first prompt_tokens tokens, new_tokens tokens, at tau and
+    """Greedy decoding from the first prompt_tokens tokens of the file `text`, new_tokens tokens, at tau and
     at -1; medians over `repeats` rounds, the rows interleaved (one warm-up round first)."""
     from pipo_runtime import GenerationConfig, PipoSession
     sessions = {label: PipoSession.load(folder, threads=opts.threads)
                 for label, folder in folders.items()}
     first = next(iter(sessions.values()))
-    prompt = first.tokenizer.encode(text, add_special_tokens=False).ids[:opts.prompt_tokens]
+    prompt = first.tokenizer.encode(Path(text).read_text(encoding="utf-8"),
+                                    add_special_tokens=False).ids[:opts.prompt_tokens]
     prompt = prompt[:len(prompt) - len(prompt) % 2]
     runs = {label: {TAU: [], -1.0: []} for label in sessions}
     commits = {label: None for label in sessions}
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=d.new_tokens)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--json", default=None, metavar="F")
+    ap.add_argument("--scores-from", default=None, metavar="F",
+                    help="reuse the eval reports of a previous run's --json (same exports), "
+                         "only time again")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -171,11 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rows: unknown {unknown}; choose from {list(ROWS)} (float32 is the reference)"
                  if unknown else "--rows must include float32 (the reference)")
     opts = QualityOptions(checkpoint=a.checkpoint, work=a.work, text=a.text, rows=rows,
-                          repeats=a.repeats, new_tokens=a.new_tokens, threads=a.threads)
+                          repeats=a.repeats, new_tokens=a.new_tokens, threads=a.threads,
+                          scores_from=a.scores_from)
     text = opts.text or str(Path(opts.checkpoint) / "heldout.txt")
     t0 = time.perf_counter()
     folders = export_rows(opts)
-    scores = score_rows(opts, folders, text)
+    if opts.scores_from:
+        previous = json.loads(Path(opts.scores_from).read_text())["rows"]
+        missing = [label for label in folders if label not in previous]
+        if missing:
+            ap.error(f"--scores-from {opts.scores_from} has no rows {missing}")
+        scores = {label: previous[label]["eval"] for label in folders}
+    else:
+        scores = score_rows(opts, folders, text)
     timing = time_rows(opts, folders, text)
     rows_out = {label: {"export": ROWS[label], "eval": scores[label], "timing": timing[label],
                         "weights_bytes": (folders[label] / "weights.data").stat().st_size}

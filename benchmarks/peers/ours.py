@@ -16,7 +16,9 @@ from benchmarks.peers import Sample
 from benchmarks.peers.machine import Meter
 from benchmarks.peers.venvs import log
 
-PRECISIONS = {"fp32": "float", "int8": "int8", "int4": "int4"}  # --precisions -> weights
+PRECISIONS = {"fp32": "float", "int8": "int8", "int4": "int4",  # --precisions -> weights
+              "int4-head8": "int4"}
+HEAD_WEIGHTS = {"int4-head8": "int8"}  # mixed precision: the lm_head's format (--head-weights)
 MODES = ("pipo", "regular")
 TOOLS = {"pipo": "pipo-export PIPO", "regular": "pipo-export regular"}
 SEMANTICS = (
@@ -59,7 +61,8 @@ def needed_context(contexts: list[int], new_tokens: int) -> int:
     return -(-need // 1024) * 1024
 
 
-def _reusable(folder: Path, weights: str, block_size: int, max_context: int) -> Manifest | None:
+def _reusable(folder: Path, weights: str, block_size: int, max_context: int,
+              head_bits: int | None = None) -> Manifest | None:
     if not (folder / MANIFEST).is_file():
         return None
     try:
@@ -69,7 +72,8 @@ def _reusable(folder: Path, weights: str, block_size: int, max_context: int) -> 
     stored = manifest.weights
     fmt = stored.format if stored else "float"
     if (fmt != weights or manifest.model.max_context < max_context
-            or (weights != "float" and stored.block_size != block_size)):
+            or (weights != "float" and stored.block_size != block_size)
+            or set((stored.bits_by_weight or {}).values()) != ({head_bits} if head_bits else set())):
         return None
     return manifest
 
@@ -80,6 +84,7 @@ def prepare(checkpoint: Path, root: Path, precisions: list[str], block_size: int
     exporter refuses is skipped with one line. -> (exports, skipped)."""
     from pipo_export.export.options import ExportOptions
     from pipo_export.export.pipeline import export
+    from pipo_export.export.quantize import WeightFormat
     from pipo_graphs.contract import Mode
 
     exports, skipped = [], []
@@ -91,14 +96,18 @@ def prepare(checkpoint: Path, root: Path, precisions: list[str], block_size: int
             log(f"skipping pipo-export {precision}: {reason}")
             skipped.append({"what": f"pipo-export {precision}", "reason": reason})
             continue
-        made = []
-        for mode in MODES:
+        made, head = [], HEAD_WEIGHTS.get(precision)
+        for mode in MODES if head is None else ("pipo",):  # mixed: PIPO only (regular: int4)
             folder = root / f"{mode}-{precision}"
-            manifest = None if rebuild else _reusable(folder, weights, block_size, max_context)
+            head_bits = WeightFormat(head).bits if head else None
+            manifest = None if rebuild else _reusable(folder, weights, block_size, max_context,
+                                                      head_bits)
             seconds = None
             if manifest is None:
                 log(f"exporting {mode} {precision} to {folder}")
                 extra = {"weights": weights, "block_size": block_size} if quantizes else {}
+                if head:
+                    extra["head_weights"] = head
                 t0 = time.perf_counter()
                 try:
                     export(ExportOptions(

@@ -9,7 +9,7 @@ import json
 import onnx
 import pytest
 
-from pipo_graphs.contract import TARGET_CAPS
+from pipo_graphs.contract import TARGET_CAPS, Mode
 from pipo_runtime import GenerationConfig, PipoSession
 
 from conftest import TINY_REF, export_folder, run_cli
@@ -162,3 +162,15 @@ def test_quantized_weights_need_a_capable_target(tmp_path):
                    "--weights", "int4", check=False)
     assert proc.returncode == 2 and "needs --target onnxruntime" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_regular_mode_int4_exports_and_says_why_accuracy_is_not_measured(tmp_path):
+    """`--mode regular --weights int4` (the peers bench's baseline) exports and runs; its manifest
+    says why the accuracy record is missing (eval's code scores PIPO graphs). Before this, the
+    accuracy step refused the regular graph and the export failed."""
+    out = export_folder(tmp_path / "regular-int4", TINY_REF, tmp_path.parent / "trace-cache",
+                        weights="int4", mode=Mode.REGULAR)
+    acc = json.loads((out / "manifest.json").read_text())["weights"]["accuracy"]
+    assert acc["measured"] is False and "PIPO" in acc["why"]
+    got = PipoSession.load(out).generate(PROMPTS, GenerationConfig(max_steps=4))
+    assert all(len(s.tokens) == 4 for s in got.sequences)
