@@ -1,9 +1,9 @@
 """Where a decode step's time goes: ONNX Runtime's profiler on an export's decode graph.
 
     python benchmarks/profile_decode.py EXPORT [--context 1024] [--steps 16] [--threads 2]
-        [--no-profiler]
+        [--batch 1] [--no-profiler] [--json F]
 
-Prefills a random prompt of --context tokens, runs --steps decode steps (greedy, tau < 0) with
+Prefills --batch random prompts of --context tokens, runs --steps decode steps (greedy, tau < 0) with
 SessionOptions.enable_profiling, and prints kernel time per op type and the slowest nodes, per
 step. The profiler slows a step down (~45 % on the 0.8B int4 export), so read the shares.
 --no-profiler: only the median wall time of a step, the profiler off (for A/B timing).
@@ -27,7 +27,8 @@ from pipo_runtime.backends.onnxruntime import OrtStepRunner
 from pipo_runtime.requests import prefill_feeds
 
 
-def profile(folder: str, context: int, steps: int, threads: int, prefix: str | None) -> dict:
+def profile(folder: str, context: int, steps: int, threads: int, prefix: str | None,
+            batch: int = 1) -> dict:
     """-> {"ms_per_step", "kernel_ms_per_step", "by_op": {op: ms/step}, "by_node": {...}};
     prefix None: the profiler off, the runtime's own session options, -> {"ms_per_step"}
     (the median step)."""
@@ -40,12 +41,14 @@ def profile(folder: str, context: int, steps: int, threads: int, prefix: str | N
         options = RunnerOptions(session_options=so)
     runner = OrtStepRunner(f"{folder}/{m.graphs[PREFILL].file}", f"{folder}/{m.graphs[DECODE].file}",
                            options)
-    prompt = np.random.default_rng(0).integers(0, m.model.vocab_size - 1, context).tolist()
-    runner.prefill(prefill_feeds([prompt], m.model.pad_token_id, SamplingParams(), -1.0, 0, [0]))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, m.model.vocab_size - 1, context).tolist() for _ in range(batch)]
+    rows = list(range(batch))
+    runner.prefill(prefill_feeds(prompts, m.model.pad_token_id, SamplingParams(), -1.0, 0, rows))
     times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        runner.decode(step_uniforms(0, [0], step))
+        runner.decode(step_uniforms(0, rows, step))
         times.append(time.perf_counter() - start)
     if not prefix:
         return {"ms_per_step": 1e3 * statistics.median(times)}
@@ -67,11 +70,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    p.add_argument("--json", default=None, metavar="F", help="also write the result here")
     p.add_argument("--prefix", default="/tmp/pipo_profile")
     p.add_argument("--no-profiler", action="store_true",
                    help="time the steps with the profiler off (median ms per step)")
     a = p.parse_args()
-    r = profile(a.export, a.context, a.steps, a.threads, None if a.no_profiler else a.prefix)
+    r = profile(a.export, a.context, a.steps, a.threads, None if a.no_profiler else a.prefix,
+                a.batch)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"export": a.export, "batch": a.batch, "context": a.context, **r}, f, indent=1)
     if a.no_profiler:
         print(f"{a.export}: {r['ms_per_step']:.2f} ms/step (median of {a.steps}, profiler off)")
         return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipo_graphs.dtypes import DType
+
+from benchmarks.peers.machine import machine_info
 
 ROWS: dict[str, dict] = {  # label -> ExportOptions fields
     "float32": {},
@@ -141,21 +142,6 @@ def markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    flags = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = sorted(f for f in line.split(":")[1].split()
-                               if f.startswith(("avx", "amx", "fma", "f16c")))
-                break
-        model = next(line.split(":")[1].strip() for line in
-                     Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return {"cpu": model, "isa_flags": flags}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
@@ -194,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_out = {label: {"export": ROWS[label], "eval": scores[label], "timing": timing[label],
                         "weights_bytes": (folders[label] / "weights.data").stat().st_size}
                 for label in folders}
-    report = {"checkpoint": opts.checkpoint, "text": text, "machine": machine(),
+    report = {"checkpoint": opts.checkpoint, "text": text, "machine": machine_info(),
               "settings": {k: v for k, v in vars(opts).items()}, "rows": rows_out,
               "seconds": time.perf_counter() - t0}
     print(markdown(rows_out))

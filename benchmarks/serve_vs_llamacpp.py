@@ -46,7 +46,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -60,6 +59,7 @@ import numpy as np
 from pipo_export.cli.flags import OneLineParser, ids, names
 from benchmarks.peers import BUSY_CORES
 from benchmarks.peers.machine import cpu_seconds
+from benchmarks.peers.machine import machine_info
 from benchmarks.serving import (BenchError, RssSampler, ServerProcess, drive, free_port, pct,
     scrape_metrics, timings_count, token_ids_count, tree, vm_hwm_mib)
 
@@ -101,22 +101,6 @@ class Options:
 
 def log(text: str) -> None:
     print(f"[serve-bench] {text}", file=sys.stderr, flush=True)
-
-
-def machine_info() -> dict:
-    """CPU model and flags (/proc/cpuinfo's first processor), CPU count, memory, OS."""
-    import psutil
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return info
-    fields = {k.strip(): v.strip() for k, _, v in
-              (line.partition(":") for line in first.splitlines())}
-    return {**info, "cpu_model": fields.get("model name"),
-            "cpu_flags": fields.get("flags", "").split()}
 
 
 def prompt_ids(opts: Options, top: int, index: int) -> list[int]:

@@ -8,9 +8,11 @@ notice, so every measurement records `cpu_busy_before` and `cpu_others_during` (
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.peers import BUSY_CORES
 
@@ -71,3 +73,19 @@ class Meter:
         busy, mine, wall = cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         return round(max(0.0, (busy - self.busy0 - (mine - self.mine0))
                          / max(wall - self.wall0, 1e-9)), 3)
+
+
+def machine_info() -> dict:
+    """CPU model and flags (/proc/cpuinfo's first processor), CPU count, memory, OS."""
+    import psutil
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return info
+    fields = {k.strip(): v.strip() for k, _, v in
+              (line.partition(":") for line in first.splitlines())}
+    return {**info, "cpu_model": fields.get("model name"),
+            "cpu_flags": fields.get("flags", "").split()}

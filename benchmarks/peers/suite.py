@@ -26,6 +26,7 @@ from typing import Callable
 from pipo_graphs.errors import PipoUserError
 
 from benchmarks.peers import Sample
+from benchmarks.peers.machine import machine_info
 from benchmarks.peers.venvs import log
 
 PEERS = ("ortgenai", "llamacpp")
@@ -233,7 +234,8 @@ def run_peer_bench(opts: PeerBenchOptions) -> int:
     results = run_rounds(methods, opts, prompt_ids, skipped)
     bounds = ours.decode_bounds(ckpt, exports, opts.contexts, opts.new_tokens)
     doc = report.build(opts, text, methods, results, bounds, skipped, peers_info,
-                       {"copy_bandwidth_gbs": bandwidth, "max_context": max_context,
+                       {**machine_info(), "copy_bandwidth_gbs": bandwidth,
+                        "max_context": max_context,
                         "wall_s": time.perf_counter() - t0})
     print(report.markdown(doc))
     if opts.json_file:
