@@ -50,9 +50,10 @@ def _eval(export, text, **kw) -> dict:
                                 progress=False, **kw))
 
 
-def _torch_scores(checkpoint, text: str):
-    """Independent: the torch model's teacher-forced logits on the same windows, scored here
-    in float64 -> (nll token 1, nll token 2, confidence), each over every scored pair."""
+def torch_scores(checkpoint, text: str, context: int = CONTEXT):
+    """Independent of eval: the checkpoint's torch model, teacher forced on eval's windows of
+    `context` tokens, scored here in float64 -> (nll token 1, nll token 2, confidence), each over
+    every scored pair (tests/eval/test_fixture.py uses it too)."""
     import torch
     from tokenizers import Tokenizer
     from pipo_export import load_checkpoint
@@ -60,12 +61,13 @@ def _torch_scores(checkpoint, text: str):
     ids = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(
         text, add_special_tokens=False).ids
     nll1, nll2, conf = [], [], []
-    for start in range(0, len(ids), CONTEXT):
-        w = ids[start:start + CONTEXT]
+    for start in range(0, len(ids), context):
+        w = ids[start:start + context]
         w = torch.tensor([w[:len(w) // 2 * 2]])
         if w.shape[1] < 4:
             continue
-        backbone, mtp, c = model.teacher_forced(w)
+        with torch.no_grad():
+            backbone, mtp, c = model.teacher_forced(w)
         lp1 = torch.log_softmax(backbone[0, :-1].double(), -1)
         lp2 = torch.log_softmax(mtp[0].double(), -1)
         nll1.append(-lp1.gather(1, w[0, 2::2, None])[:, 0])
@@ -80,7 +82,7 @@ def test_perplexity_and_gate_equal_the_torch_models_teacher_forced_logits(export
     ~1e-6), mean confidence within 1e-6, commit rates exactly (no confidence within 1e-5 of
     a tau here, asserted)."""
     report = _eval(export, text, batch=2)
-    nll1, nll2, conf = _torch_scores(checkpoint, TEXT)
+    nll1, nll2, conf = torch_scores(checkpoint, TEXT)
     assert report["positions"] == len(nll1) > 3 * CONTEXT // 2
     assert report["perplexity"]["token1"] == pytest.approx(np.exp(nll1.mean()), rel=1e-5)
     assert report["perplexity"]["token2"] == pytest.approx(np.exp(nll2.mean()), rel=1e-5)

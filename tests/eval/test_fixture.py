@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, export_folder
+from test_eval import torch_scores
 
 FIXTURE = DATA / "pipo-fixture"
 TEXT_CHARS = 40_000
@@ -61,36 +62,12 @@ def _eval(export, text, **kw) -> dict:
                                 progress=False, **kw))
 
 
-def _torch_nll(text_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Independent of eval: the fixture's torch model, teacher forced on the same windows,
-    scored here in float64 -> (nll token 1, nll token 2, confidence) over every scored pair."""
-    import torch
-    from tokenizers import Tokenizer
-    from pipo_export import load_checkpoint
-    model = load_checkpoint(FIXTURE)
-    ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(
-        text_path.read_text(encoding="utf-8"), add_special_tokens=False).ids
-    nll1, nll2, conf = [], [], []
-    for start in range(0, len(ids), CONTEXT):
-        w = ids[start:start + CONTEXT]
-        w = torch.tensor([w[:len(w) // 2 * 2]])
-        if w.shape[1] < 4:
-            continue
-        with torch.no_grad():
-            backbone, mtp, c = model.teacher_forced(w)
-        nll1.append(-torch.log_softmax(backbone[0, :-1].double(), -1).gather(
-            1, w[0, 2::2, None])[:, 0])
-        nll2.append(-torch.log_softmax(mtp[0].double(), -1).gather(1, w[0, 3::2, None])[:, 0])
-        conf.append(c[0].double())
-    return tuple(torch.cat(x).numpy() for x in (nll1, nll2, conf))
-
-
 def test_fixture_has_learned_and_eval_equals_torch(reference, text):
     """eval's perplexities equal the torch model's teacher-forced ones (1e-4 relative: float32
     graphs against float64 scoring of float32 logits); both are far below the unigram model's
     (recorded by the training script), and the gate is neither shut nor always open."""
     _, report = reference
-    nll1, nll2, conf = _torch_nll(text)
+    nll1, nll2, conf = torch_scores(FIXTURE, text.read_text(encoding="utf-8"), CONTEXT)
     for tok, nll in (("token1", nll1), ("token2", nll2)):
         assert report["perplexity"][tok] == pytest.approx(float(np.exp(nll.mean())), rel=1e-4)
     assert report["gate"]["mean_confidence"] == pytest.approx(float(conf.mean()), abs=1e-5)
