@@ -195,7 +195,7 @@ class Engine:
         config.sampling.validate()
         stop_ids = token_ids(config.stop_token_ids, "stop_token_ids")
         check_request(self.session.facts, prompts, steps, stop_ids)
-        self.session._check_memory(prompts, steps)  # alone over the state budget: never fits
+        self.session.check_memory(prompts, steps)  # alone over the state budget: never fits
         handle = RequestHandle(sink, self._notify)
         tracker = SequenceTracker(self.session.facts, config, steps, seq, prompts[0],
                                   self.session.tokenizer)

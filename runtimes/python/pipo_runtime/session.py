@@ -269,7 +269,7 @@ class PipoSession:
         inputs = [list(p.pending) + t if p else t for t, p in zip(prompts, past)]
         check_request(self.facts, [list(p.consumed) + t if p else t
                                    for t, p in zip(inputs, past)], steps, stop_ids)
-        self._check_memory(inputs, steps)
+        self.check_memory(inputs, steps)
         result = GenerationResult([SequenceResult() for _ in prompts])
         return GenerationStream(self._events(inputs, past, config, steps, result), result)
 
@@ -334,7 +334,7 @@ class PipoSession:
             pass
         return stream.result
 
-    def _check_memory(self, prompts: list[list[int]], steps: int) -> None:
+    def check_memory(self, prompts: list[list[int]], steps: int) -> None:
         """Refuse, before allocating, a batch over RunnerOptions.max_batch_tokens (padded
         prompt tokens) or whose states (past and present of a step) would not fit
         RunnerOptions.max_state_bytes."""
